@@ -1,0 +1,44 @@
+# `make run` opens the app on the demo; `make test` runs the suite.
+# Each creates .venv if missing and installs the project first.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?= data
+PORT ?= 8501
+
+.PHONY: run test install demo browser clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# constraints.txt pins torch/torchvision to the wheels this build farm has on
+# disk; pyproject keeps open ranges for everyone else.
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	@ls $(DATA)/*.duckdb >/dev/null 2>&1 || $(VENV)/bin/visionlens demo --out $(DATA)
+
+run: demo
+	VISIONLENS_DATA=$(DATA) $(VENV)/bin/streamlit run streamlit_app.py --server.port $(PORT)
+
+# Debian's chromium drives the browser tests (no browser download at test time).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "chromium could not be installed: browser tests will be skipped"; \
+	  else echo "no apt-get: browser tests will be skipped"; fi; }
+
+# pytest exits 5 when it collects nothing; that is not a failure of the suite.
+test: install browser
+	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Metrics over a cohort: classification and multilabel (classification.py), detection (detection.py)."""

@@ -1,0 +1,438 @@
+"""The one place that opens a store.
+
+A dataset ``NAME`` lives in a folder as:
+
+- ``NAME.duckdb``: the base, built once into a temporary file beside it and
+  renamed into place (atomic). Nothing writes into it afterwards.
+- ``NAME.parts/<table>/<generation>--<stamp>.parquet``: everything added later
+  (a second model, explanations, ...). Each part is written under a name that
+  does not end in ``.parquet`` and renamed, so readers never see half a part.
+  ``generation`` ties a part to the base it extends: a rebuilt or compacted
+  base gets a new generation and older parts stop counting.
+- ``NAME.state.sqlite``: saved cohorts and notes (see ``core.state``).
+
+Readers use an in-memory DuckDB connection with the base ``ATTACH``ed
+``READ_ONLY`` and one view per logical table that unions the base table with
+its parts. ``Store.refresh()`` notices a renamed base or new parts by file
+identity and part listing only (no data read) and rebuilds the views.
+Writers take ``NAME.lock`` (never readers): part writers briefly, ``compact``
+for the whole fold, so no part is lost between reading and replacing the base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import StoreError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+BASE_SUFFIX = ".duckdb"
+PARTS_SUFFIX = ".parts"
+STATE_SUFFIX = ".state.sqlite"
+LOCK_SUFFIX = ".lock"
+PART_SUFFIX = ".parquet"
+
+# Columns every store has, so views exist before any part is written. Builders
+# may add columns (metadata fields, per-task prediction columns).
+TABLE_SCHEMAS: dict[str, dict[str, str]] = {
+    "meta": {"key": "VARCHAR", "value": "VARCHAR"},
+    "images": {"image_id": "INTEGER", "uri": "VARCHAR", "width": "INTEGER", "height": "INTEGER"},
+    "columns": {"name": "VARCHAR", "kind": "VARCHAR", "source": "VARCHAR", "label": "VARCHAR"},
+    "models": {"model_id": "VARCHAR", "name": "VARCHAR", "task": "VARCHAR", "params": "VARCHAR"},
+    "predictions": {"model_id": "VARCHAR", "image_id": "INTEGER", "pred_label": "INTEGER",
+                    "score": "FLOAT", "pred_labels": "INTEGER[]", "probs": "FLOAT[]"},
+    "gt_boxes": {"image_id": "INTEGER", "gt_id": "INTEGER", "class_id": "INTEGER",
+                 "xmin": "DOUBLE", "ymin": "DOUBLE", "xmax": "DOUBLE", "ymax": "DOUBLE",
+                 "area": "DOUBLE", "iscrowd": "BOOLEAN"},
+    "det_boxes": {"model_id": "VARCHAR", "image_id": "INTEGER", "det_id": "INTEGER",
+                  "class_id": "INTEGER", "score": "DOUBLE", "xmin": "DOUBLE", "ymin": "DOUBLE",
+                  "xmax": "DOUBLE", "ymax": "DOUBLE", "area": "DOUBLE"},
+    "det_matches": {"model_id": "VARCHAR", "image_id": "INTEGER", "det_id": "INTEGER"},
+    "gt_matches": {"model_id": "VARCHAR", "image_id": "INTEGER", "gt_id": "INTEGER"},
+    "outcomes": {"model_id": "VARCHAR", "image_id": "INTEGER", "correct": "BOOLEAN"},
+    "explanations": {"model_id": "VARCHAR", "image_id": "INTEGER", "method": "VARCHAR",
+                     "target": "INTEGER", "height": "INTEGER", "width": "INTEGER",
+                     "scale": "FLOAT", "offset": "FLOAT", "data": "BLOB", "params": "VARCHAR"},
+    "thumbnails": {"image_id": "INTEGER", "jpeg": "BLOB"},
+}
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class StorePaths:
+    """Where the files of dataset ``name`` live inside ``folder``."""
+
+    folder: Path
+    name: str
+
+    @classmethod
+    def of(cls, path: str | os.PathLike) -> "StorePaths":
+        """Accept ``dir/NAME.duckdb`` or ``dir/NAME``."""
+        p = Path(path)
+        name = p.name[: -len(BASE_SUFFIX)] if p.name.endswith(BASE_SUFFIX) else p.name
+        if not name:
+            raise StoreError("empty store name", file=str(path))
+        return cls(p.parent.resolve(), name)
+
+    @property
+    def base(self) -> Path:
+        return self.folder / f"{self.name}{BASE_SUFFIX}"
+
+    @property
+    def parts(self) -> Path:
+        return self.folder / f"{self.name}{PARTS_SUFFIX}"
+
+    @property
+    def state(self) -> Path:
+        return self.folder / f"{self.name}{STATE_SUFFIX}"
+
+    @property
+    def lock(self) -> Path:
+        return self.folder / f"{self.name}{LOCK_SUFFIX}"
+
+
+@contextlib.contextmanager
+def writer_lock(paths: StorePaths) -> Iterator[None]:
+    """Serialise writers of one dataset (readers never take it)."""
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    with open(paths.lock, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def list_stores(folder: str | os.PathLike) -> list[str]:
+    """Dataset names with a base file in ``folder``, sorted."""
+    f = Path(folder)
+    if not f.is_dir():
+        return []
+    return sorted(p.name[: -len(BASE_SUFFIX)] for p in f.glob(f"*{BASE_SUFFIX}") if p.is_file())
+
+
+def data_dir() -> Path:
+    """The folder the app serves: ``$VISIONLENS_DATA`` or ``./data``."""
+    return Path(os.environ.get("VISIONLENS_DATA") or "data")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _as_arrow(frame: pd.DataFrame | pa.Table) -> pa.Table:
+    if isinstance(frame, pa.Table):
+        return frame
+    return pa.Table.from_pandas(frame, preserve_index=False)
+
+
+def build_base(path: str | os.PathLike, tables: dict[str, pd.DataFrame | pa.Table],
+               meta: dict[str, object]) -> StorePaths:
+    """Write a complete base into a temporary file and rename it over ``path``.
+
+    ``tables`` maps logical table names to frames; tables not given are created
+    empty from ``TABLE_SCHEMAS``. ``meta`` values that are not strings are stored
+    as JSON. A reader holding the old base keeps reading it until it refreshes.
+    On any error the temporary file is removed and the old base stays.
+    """
+    paths = StorePaths.of(path)
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    if "meta" in tables:
+        raise StoreError("pass meta as the meta argument, not as a table")
+    tmp = paths.folder / f".{paths.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.building"
+    generation = uuid.uuid4().hex[:12]
+    meta_rows = {"schema_version": str(SCHEMA_VERSION), "generation": generation,
+                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for key, value in meta.items():
+        meta_rows[key] = value if isinstance(value, str) else json.dumps(value)
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            for table, schema in TABLE_SCHEMAS.items():
+                if table == "meta":
+                    continue
+                if table in tables:
+                    arrow = _as_arrow(tables[table])  # noqa: F841 (read by DuckDB's replacement scan)
+                    con.execute(f"CREATE TABLE {_quote(table)} AS SELECT * FROM arrow")
+                else:
+                    cols = ", ".join(f"{_quote(c)} {t}" for c, t in schema.items())
+                    con.execute(f"CREATE TABLE {_quote(table)} ({cols})")
+            for table in sorted(set(tables) - set(TABLE_SCHEMAS)):
+                arrow = _as_arrow(tables[table])  # noqa: F841
+                con.execute(f"CREATE TABLE {_quote(table)} AS SELECT * FROM arrow")
+            con.execute('CREATE TABLE "meta" (key VARCHAR, value VARCHAR)')
+            con.executemany('INSERT INTO "meta" VALUES (?, ?)', list(meta_rows.items()))
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        with writer_lock(paths):
+            os.replace(tmp, paths.base)
+            _drop_stale_parts(paths, keep={generation, _previous_generation(paths, generation)})
+    finally:
+        for leftover in (tmp, Path(str(tmp) + ".wal")):
+            leftover.unlink(missing_ok=True)
+    return paths
+
+
+def _previous_generation(paths: StorePaths, current: str) -> str:
+    # The generation of the parts still on disk that are newest, besides ``current``:
+    # readers of the old base keep those for one more refresh.
+    newest: tuple[int, str] = (0, "")
+    if paths.parts.is_dir():
+        for f in paths.parts.glob(f"*/*{PART_SUFFIX}"):
+            gen = f.name.split("--", 1)[0]
+            if gen != current:
+                newest = max(newest, (f.stat().st_mtime_ns, gen))
+    return newest[1]
+
+
+def _drop_stale_parts(paths: StorePaths, keep: set[str]) -> None:
+    if not paths.parts.is_dir():
+        return
+    for f in paths.parts.glob(f"*/*{PART_SUFFIX}"):
+        if f.name.split("--", 1)[0] not in keep:
+            f.unlink(missing_ok=True)
+
+
+def _base_generation(paths: StorePaths) -> str:
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"ATTACH '{_sql_string(str(paths.base))}' AS base (READ_ONLY)")
+        row = con.execute("SELECT value FROM base.meta WHERE key = 'generation'").fetchone()
+    finally:
+        con.close()
+    if row is None:
+        raise StoreError("store has no generation", file=str(paths.base))
+    return row[0]
+
+
+def _sql_string(text: str) -> str:
+    return text.replace("'", "''")
+
+
+def write_part(path: str | os.PathLike, table: str, frame: pd.DataFrame | pa.Table) -> Path:
+    """Add ``frame`` to logical ``table`` of the store as one immutable Parquet part."""
+    paths = StorePaths.of(path)
+    if not paths.base.exists():
+        raise StoreError("no store to add to; build it first", file=str(paths.base))
+    if not table.replace("_", "").isalnum():
+        raise StoreError(f"bad table name {table!r}")
+    arrow = _as_arrow(frame)
+    folder = paths.parts / table
+    folder.mkdir(parents=True, exist_ok=True)
+    with writer_lock(paths):
+        generation = _base_generation(paths)
+        stamp = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
+        tmp = folder / f".{stamp}.writing"
+        final = folder / f"{generation}--{stamp}{PART_SUFFIX}"
+        try:
+            pq.write_table(arrow, tmp)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return final
+
+
+def compact(path: str | os.PathLike) -> StorePaths:
+    """Fold every part into a new base (atomic rename; safe while readers run)."""
+    paths = StorePaths.of(path)
+    with writer_lock(paths):
+        store = Store(paths.base)
+        tables = {t: store.arrow(f"SELECT * FROM {_quote(t)}") for t in store.tables() if t != "meta"}
+        meta = {k: v for k, v in store.meta().items() if k not in ("schema_version", "generation", "built_at")}
+        store.close()
+    # build_base takes the lock itself for the rename; parts written meanwhile
+    # belong to the old generation and are kept for one refresh.
+    return build_base(paths.base, tables, meta)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class Store:
+    """A read-only view of one dataset: base plus parts, refreshed cheaply."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.paths = StorePaths.of(path)
+        if not self.paths.base.exists():
+            raise StoreError("store not found", file=str(self.paths.base))
+        self._lock = threading.RLock()
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._signature: tuple = ()
+        self._meta: dict[str, str] = {}
+        self.refresh()
+
+    # -- identity and refresh
+
+    @property
+    def name(self) -> str:
+        return self.paths.name
+
+    @property
+    def signature(self) -> tuple:
+        """Changes whenever the base is replaced or a part appears: use it in cache keys."""
+        return self._signature
+
+    def _disk_signature(self) -> tuple:
+        st = os.stat(self.paths.base)
+        parts = ()
+        if self.paths.parts.is_dir():
+            parts = tuple(sorted(
+                (entry.name, f.name)
+                for entry in os.scandir(self.paths.parts) if entry.is_dir()
+                for f in os.scandir(entry.path) if f.name.endswith(PART_SUFFIX)
+            ))
+        return (st.st_ino, st.st_mtime_ns, st.st_size, parts)
+
+    def refresh(self) -> bool:
+        """Re-read the file listing; rebuild views if anything changed. True if it did."""
+        with self._lock:
+            try:
+                disk = self._disk_signature()
+            except FileNotFoundError as exc:
+                raise StoreError("store disappeared", file=str(self.paths.base)) from exc
+            if disk == self._signature:
+                return False
+            con = duckdb.connect(":memory:")
+            try:
+                con.execute(f"ATTACH '{_sql_string(str(self.paths.base))}' AS base (READ_ONLY)")
+                meta = dict(con.execute("SELECT key, value FROM base.meta").fetchall())
+                version = int(meta.get("schema_version", "0"))
+                if version != SCHEMA_VERSION:
+                    raise StoreError(
+                        f"store has schema version {version}, this VisionLens reads version "
+                        f"{SCHEMA_VERSION}; rebuild it with `visionlens ingest` or `visionlens demo`",
+                        file=str(self.paths.base))
+                generation = meta.get("generation", "")
+                base_tables = {r[0] for r in con.execute(
+                    "SELECT table_name FROM duckdb_tables() WHERE database_name = 'base'").fetchall()}
+                part_files: dict[str, list[str]] = {}
+                for table, fname in disk[3]:
+                    if fname.split("--", 1)[0] == generation:
+                        part_files.setdefault(table, []).append(str(self.paths.parts / table / fname))
+                for table in sorted(base_tables | set(part_files)):
+                    selects = []
+                    if table in base_tables:
+                        selects.append(f"SELECT * FROM base.{_quote(table)}")
+                    if table in part_files:
+                        files = ", ".join(f"'{_sql_string(f)}'" for f in part_files[table])
+                        selects.append(f"SELECT * FROM read_parquet([{files}], union_by_name = true)")
+                    body = " UNION ALL BY NAME ".join(selects)
+                    con.execute(f"CREATE VIEW main.{_quote(table)} AS {body}")
+            except duckdb.Error as exc:
+                con.close()
+                raise StoreError(f"cannot open store: {exc}", file=str(self.paths.base)) from exc
+            except Exception:
+                con.close()
+                raise
+            self._con, self._meta, self._signature = con, meta, disk
+            self._tables = tuple(sorted(base_tables | set(part_files)))
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+
+    # -- queries (a cursor per query: safe from several threads)
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        with self._lock:
+            if self._con is None:
+                raise StoreError("store is closed", file=str(self.paths.base))
+            return self._con.cursor()
+
+    def query(self, sql: str, params: list | tuple | None = None) -> pd.DataFrame:
+        cur = self.cursor()
+        try:
+            return cur.execute(sql, list(params or [])).df()
+        finally:
+            cur.close()
+
+    def arrow(self, sql: str, params: list | tuple | None = None) -> pa.Table:
+        cur = self.cursor()
+        try:
+            return cur.sql(sql, params=list(params or [])).to_arrow_table()
+        finally:
+            cur.close()
+
+    def rows(self, sql: str, params: list | tuple | None = None) -> list[tuple]:
+        cur = self.cursor()
+        try:
+            return cur.execute(sql, list(params or [])).fetchall()
+        finally:
+            cur.close()
+
+    def scalar(self, sql: str, params: list | tuple | None = None):
+        rows = self.rows(sql, params)
+        return rows[0][0] if rows else None
+
+    # -- catalog
+
+    def tables(self) -> tuple[str, ...]:
+        return self._tables
+
+    def has_table(self, table: str) -> bool:
+        return table in self._tables
+
+    def table_columns(self, table: str) -> list[str]:
+        if table not in self._tables:
+            return []
+        return [r[0] for r in self.rows(
+            "SELECT column_name FROM duckdb_columns() WHERE database_name = 'memory' "
+            "AND schema_name = 'main' AND table_name = ? ORDER BY column_index", [table])]
+
+    def meta(self) -> dict[str, str]:
+        return dict(self._meta)
+
+    @property
+    def task(self) -> str:
+        return self._meta.get("task", "")
+
+    @property
+    def classes(self) -> list[str]:
+        return json.loads(self._meta.get("classes", "[]"))
+
+    def columns(self) -> pd.DataFrame:
+        """The filterable-column whitelist (name, kind, source, label)."""
+        return self.query('SELECT name, kind, source, label FROM "columns" ORDER BY name')
+
+    def models(self) -> pd.DataFrame:
+        return self.query('SELECT model_id, name, task, params FROM "models" ORDER BY model_id')
+
+    def model_ids(self) -> list[str]:
+        return [r[0] for r in self.rows('SELECT model_id FROM "models" ORDER BY model_id')]
+
+    def image_count(self) -> int:
+        return int(self.scalar('SELECT count(*) FROM "images"'))
+
+
+def open_store(path: str | os.PathLike) -> Store:
+    return Store(path)
+
+
+def memory_connection() -> duckdb.DuckDBPyConnection:
+    """A private in-memory DuckDB for engine work that has no store (e.g. eval-coco)."""
+    return duckdb.connect(":memory:")

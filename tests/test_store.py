@@ -1,0 +1,161 @@
+"""The store layout: atomic base, immutable parts, views that refresh, writers never blocked."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import textwrap
+
+import pandas as pd
+import pytest
+
+from core import store as store_mod
+from core.errors import StoreError
+from core.store import Store, build_base, compact, write_part
+
+
+def images_frame(ids):
+    return pd.DataFrame({"image_id": ids, "uri": [f"/img/{i}.png" for i in ids],
+                         "width": [8] * len(ids), "height": [8] * len(ids)})
+
+
+@pytest.fixture()
+def base(tmp_path):
+    path = tmp_path / "ds.duckdb"
+    build_base(path, {"images": images_frame([0, 1, 2])}, {"task": "multiclass", "classes": ["a", "b"]})
+    return path
+
+
+def test_build_and_open(base):
+    store = Store(base)
+    assert store.task == "multiclass"
+    assert store.classes == ["a", "b"]
+    assert store.image_count() == 3
+    assert {"images", "predictions", "explanations", "thumbnails"} <= set(store.tables())
+    assert not any(p.name.endswith(".building") for p in base.parent.iterdir())
+
+
+def test_part_shows_after_refresh_not_before(base):
+    store = Store(base)
+    write_part(base, "images", images_frame([3]))
+    assert store.image_count() == 3  # old snapshot until the app's next rerun
+    assert store.refresh() is True
+    assert store.image_count() == 4
+    assert store.refresh() is False  # nothing new: the check is a no-op
+
+
+def test_part_with_new_table_and_columns(base):
+    store = Store(base)
+    write_part(base, "embeddings", pd.DataFrame({"image_id": [0], "x": [0.5]}))
+    write_part(base, "images", images_frame([9]).assign(quality=[0.25]))
+    store.refresh()
+    assert store.has_table("embeddings")
+    frame = store.query('SELECT image_id, quality FROM "images" ORDER BY image_id')
+    assert frame["quality"].isna().sum() == 3 and frame["quality"].iloc[-1] == 0.25
+
+
+def test_half_written_part_is_invisible(base):
+    store = Store(base)
+    folder = store.paths.parts / "images"
+    folder.mkdir(parents=True)
+    (folder / ".12345.writing").write_bytes(b"PAR1 garbage from a killed writer")
+    store.refresh()
+    assert store.image_count() == 3
+
+
+def test_rebuild_replaces_base_and_drops_old_parts(base):
+    store = Store(base)
+    write_part(base, "images", images_frame([3]))
+    store.refresh()
+    assert store.image_count() == 4
+    build_base(base, {"images": images_frame([0, 1])}, {"task": "multiclass", "classes": ["a"]})
+    assert store.image_count() == 4  # still the old snapshot
+    store.refresh()
+    assert store.image_count() == 2  # the new base; the old generation's part no longer counts
+    assert store.classes == ["a"]
+
+
+def test_compact_folds_parts(base):
+    write_part(base, "images", images_frame([3, 4]))
+    store = Store(base)
+    assert store.image_count() == 5
+    compact(base)
+    store.refresh()
+    assert store.image_count() == 5
+    fresh = Store(base)
+    assert fresh.image_count() == 5
+    # after compaction, new parts still count
+    write_part(base, "images", images_frame([5]))
+    fresh.refresh()
+    assert fresh.image_count() == 6
+
+
+def test_schema_version_mismatch(base, monkeypatch):
+    monkeypatch.setattr(store_mod, "SCHEMA_VERSION", store_mod.SCHEMA_VERSION + 1)
+    with pytest.raises(StoreError, match="schema version"):
+        Store(base)
+
+
+def test_missing_store(tmp_path):
+    with pytest.raises(StoreError, match="not found"):
+        Store(tmp_path / "nope.duckdb")
+
+
+def test_failed_build_leaves_old_base(base):
+    class Boom:
+        pass
+
+    with pytest.raises(Exception):
+        build_base(base, {"images": Boom()}, {"task": "multiclass"})
+    assert Store(base).image_count() == 3
+    assert [p.name for p in base.parent.iterdir() if "building" in p.name] == []
+
+
+def _writer(path: str, start: int) -> None:
+    for i in range(start, start + 10):
+        write_part(path, "images", images_frame([i]))
+
+
+def test_concurrent_part_writers_lose_nothing(base):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(base), 100 + 10 * k)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert Store(base).image_count() == 3 + 40
+
+
+def test_writers_succeed_while_another_process_reads(base, tmp_path):
+    """A reader process holds the store open (as the app does) while this one writes."""
+    ready = tmp_path / "ready"
+    go = tmp_path / "go"
+    script = textwrap.dedent(f"""
+        import time, pathlib
+        from core.store import Store
+        s = Store({str(base)!r})
+        before = s.image_count()
+        pathlib.Path({str(ready)!r}).write_text("1")
+        while not pathlib.Path({str(go)!r}).exists():
+            time.sleep(0.05)
+        still = s.image_count()
+        s.refresh()
+        print(before, still, s.image_count())
+    """)
+    reader = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=os.getcwd())
+    for _ in range(400):
+        if ready.exists():
+            break
+        import time
+        time.sleep(0.05)
+    write_part(base, "images", images_frame([10]))
+    compact(base)
+    write_part(base, "images", images_frame([11]))
+    go.write_text("1")
+    out, _ = reader.communicate(timeout=60)
+    assert reader.returncode == 0
+    assert out.split() == ["3", "3", "5"]
