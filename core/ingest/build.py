@@ -66,6 +66,13 @@ class BuildReport:
     skipped: list[IngestError]
 
 
+def _show(value: object) -> str:
+    """A value as the user wrote it: numpy scalars as plain numbers, strings quoted."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return repr(value)
+
+
 def _check_task(task: str) -> None:
     if task not in TASKS:
         raise IngestError(f"unknown task {task!r}", field="task", choices=list(TASKS))
@@ -107,11 +114,11 @@ def _validate_images(dataset: Dataset) -> None:
     dup = images["uri"].duplicated()
     if dup.any():
         row = int(np.flatnonzero(dup.to_numpy())[0])
-        raise IngestError(f"duplicate image {images['uri'].iloc[row]!r}", row=row, field="uri")
+        raise IngestError(f"duplicate image {_show(images['uri'].iloc[row])}", row=row, field="uri")
     dup = images["image_id"].duplicated()
     if dup.any():
         row = int(np.flatnonzero(dup.to_numpy())[0])
-        raise IngestError(f"duplicate image id {images['image_id'].iloc[row]!r}", row=row, field="image_id")
+        raise IngestError(f"duplicate image id {_show(images['image_id'].iloc[row])}", row=row, field="image_id")
     n_classes = len(dataset.classes)
     labels = images["true_label"]
     if dataset.task == "multiclass":
@@ -119,7 +126,7 @@ def _validate_images(dataset: Dataset) -> None:
         bad = values.isna() | (values < 0) | (values >= n_classes)
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise IngestError(f"label {labels.iloc[row]!r} is not a class id 0..{n_classes - 1}",
+            raise IngestError(f"label {_show(labels.iloc[row])} is not a class id 0..{n_classes - 1}",
                               row=row, field="true_label")
     elif dataset.task == "multilabel":
         for row, value in enumerate(labels):
@@ -143,7 +150,7 @@ def _check_prediction_ids(frame: pd.DataFrame, known: set[int], model_id: str, w
     unknown = ~frame["image_id"].isin(known)
     if unknown.any():
         row = int(np.flatnonzero(unknown.to_numpy())[0])
-        raise IngestError(f"{what} of model {model_id!r} for image id {frame['image_id'].iloc[row]!r} "
+        raise IngestError(f"{what} of model {model_id!r} for image id {_show(frame['image_id'].iloc[row])} "
                           "which is not in the dataset", row=row, field="image_id")
 
 
@@ -156,14 +163,14 @@ def _classification_rows(task: str, images: pd.DataFrame, run: ModelRun, n_class
     dup = preds["image_id"].duplicated()
     if dup.any():
         row = int(np.flatnonzero(dup.to_numpy())[0])
-        raise IngestError(f"model {run.model_id!r} predicts image {preds['image_id'].iloc[row]} twice",
+        raise IngestError(f"model {run.model_id!r} predicts image {_show(preds['image_id'].iloc[row])} twice",
                           row=row, field="image_id")
     if "probs" in preds.columns:
         lengths = preds["probs"].map(lambda p: len(p) if p is not None else 0)
         bad = lengths != n_classes
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise IngestError(f"probs has {lengths.iloc[row]} values, expected {n_classes}",
+            raise IngestError(f"probs has {_show(lengths.iloc[row])} values, expected {n_classes}",
                               row=row, field="probs")
         probs = np.stack(preds["probs"].to_numpy()).astype(np.float32)
         if not np.isfinite(probs).all():
@@ -181,7 +188,7 @@ def _classification_rows(task: str, images: pd.DataFrame, run: ModelRun, n_class
         bad = (preds["pred_label"] < 0) | (preds["pred_label"] >= n_classes)
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise IngestError(f"predicted class id {preds['pred_label'].iloc[row]} outside 0..{n_classes - 1}",
+            raise IngestError(f"predicted class id {_show(preds['pred_label'].iloc[row])} outside 0..{n_classes - 1}",
                               row=row, field="pred_label")
         preds["pred_label"] = preds["pred_label"].astype(np.int32)
         preds["score"] = preds["score"].astype(np.float32)
@@ -241,12 +248,12 @@ def validate_boxes(frame: pd.DataFrame, n_classes: int, *, what: str, id_col: st
     bad = (frame["class_id"] < 0) | (frame["class_id"] >= n_classes)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise IngestError(f"{what}: class id {frame['class_id'].iloc[row]} outside 0..{n_classes - 1}",
+        raise IngestError(f"{what}: class id {_show(frame['class_id'].iloc[row])} outside 0..{n_classes - 1}",
                           row=row, field="class_id")
     dup = frame[id_col].duplicated()
     if dup.any():
         row = int(np.flatnonzero(dup.to_numpy())[0])
-        raise IngestError(f"{what}: duplicate {id_col} {frame[id_col].iloc[row]}", row=row, field=id_col)
+        raise IngestError(f"{what}: duplicate {id_col} {_show(frame[id_col].iloc[row])}", row=row, field=id_col)
     if "area" not in frame.columns:
         frame["area"] = (frame["xmax"] - frame["xmin"]) * (frame["ymax"] - frame["ymin"])
     frame["image_id"] = frame["image_id"].astype(np.int32)
