@@ -48,6 +48,8 @@ PARTS_SUFFIX = ".parts"
 STATE_SUFFIX = ".state.sqlite"
 LOCK_SUFFIX = ".lock"
 PART_SUFFIX = ".parquet"
+# Parts of one table up to this size are held in memory after each refresh.
+PARTS_IN_MEMORY_BYTES = 256 * 1024 * 1024
 
 # Columns every store has, so views exist before any part is written. Builders
 # may add columns (metadata fields, per-task prediction columns).
@@ -331,13 +333,13 @@ class Store:
                 for table, fname in disk[3]:
                     if fname.split("--", 1)[0] == generation:
                         part_files.setdefault(table, []).append(str(self.paths.parts / table / fname))
+                con.execute("CREATE SCHEMA parts")
                 for table in sorted(base_tables | set(part_files)):
                     selects = []
                     if table in base_tables:
                         selects.append(f"SELECT * FROM base.{_quote(table)}")
                     if table in part_files:
-                        files = ", ".join(f"'{_sql_string(f)}'" for f in part_files[table])
-                        selects.append(f"SELECT * FROM read_parquet([{files}], union_by_name = true)")
+                        selects.append(self._load_parts(con, table, part_files[table]))
                     body = " UNION ALL BY NAME ".join(selects)
                     con.execute(f"CREATE VIEW main.{_quote(table)} AS {body}")
             except duckdb.Error as exc:
@@ -349,6 +351,21 @@ class Store:
             self._con, self._meta, self._signature = con, meta, disk
             self._tables = tuple(sorted(base_tables | set(part_files)))
             return True
+
+    @staticmethod
+    def _load_parts(con: duckdb.DuckDBPyConnection, table: str, files: list[str]) -> str:
+        """SQL that reads a table's parts.
+
+        Parts are loaded into memory once per change of the listing: scanning
+        many small Parquet files on every query costs far more than this one
+        read. Very large part sets stay on disk and are scanned instead.
+        """
+        listing = ", ".join(f"'{_sql_string(f)}'" for f in files)
+        scan = f"read_parquet([{listing}], union_by_name = true)"
+        if sum(os.path.getsize(f) for f in files) > PARTS_IN_MEMORY_BYTES:
+            return f"SELECT * FROM {scan}"
+        con.execute(f"CREATE TABLE parts.{_quote(table)} AS SELECT * FROM {scan}")
+        return f"SELECT * FROM parts.{_quote(table)}"
 
     def close(self) -> None:
         with self._lock:
