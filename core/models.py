@@ -62,7 +62,9 @@ def load_model(params: dict) -> torch.nn.Module:
 
 def to_rgb_array(image: Image.Image, size: tuple[int, int] | None) -> np.ndarray:
     """RGB uint8 ``(H, W, 3)``; resized to ``size`` = (H, W) when given."""
-    image = image.convert("RGB")
+    from .metadata import as_rgb
+
+    image = as_rgb(image)
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.BILINEAR)
     return np.asarray(image, dtype=np.uint8)

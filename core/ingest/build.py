@@ -368,9 +368,15 @@ def build_store(out_path: str | Path, dataset: Dataset, models: list[ModelRun] |
     ordered = ["image_id", "uri", "width", "height", "true_label"]
     images = images[ordered + [c for c in images.columns if c not in ordered]]
 
+    # Timestamps (EXIF dates) are kept as ISO text: ordered like time, filterable like a category.
+    for name in images.columns:
+        if pd.api.types.is_datetime64_any_dtype(images[name]):
+            images[name] = images[name].dt.strftime("%Y-%m-%dT%H:%M:%S").astype(object)
     if progress:
         progress("models", 0, len(runs))
     tables = _model_tables(task, images, gt_boxes, runs, n_classes, threshold)
+    if progress:
+        progress("models", len(runs), len(runs))
     tables.update({"images": images, "thumbnails": thumbnails,
                    "columns": column_catalog(images, user_columns, task)})
     if gt_boxes is not None:
