@@ -1,0 +1,969 @@
+"""Detection metrics for any cohort, at any stored IoU threshold, from stored matches.
+
+Everything here reads the ``det_matches`` / ``gt_matches`` tables written from
+``core.matching.match_detections`` (their columns are described there) and never re-matches:
+
+- ``detection_metrics``: the 12 COCO stats, AP at a chosen IoU, per-class AP/AR, 101-point
+  precision curves, macro / micro / weighted aggregates. For a cohort it equals pycocotools
+  ``COCOeval`` run with ``imgIds`` = the cohort (to 1e-6; ties ordered exactly as pycocotools).
+- ``image_objects``: one image's boxes with TP / FP / FN / ignored status, partner and IoU.
+- ``confusion_matrix_detection``: GT class x predicted class with a background row/column.
+- ``tide_errors``: TIDE error types and their dAP.
+- ``evaluate_coco_files`` / ``eval_coco_main``: COCO json files -> the 12 stats (the
+  ``visionlens eval-coco`` command), with the same engine.
+
+The accumulation follows pycocotools ``COCOeval.accumulate`` operation for operation where it
+matters for floating point (``tp / (fp + tp + eps)``, ``tp / npig``, the precision envelope,
+``searchsorted(rc, recThrs, 'left')``), but vectorised over classes: the first detection
+reaching recall r is the c-th true positive, c = the least count with c / npig >= r.
+A score threshold s means "detections with score < s dropped before matching"; greedy
+matching in score order makes that a filter on the stored matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from ..errors import EvalError
+from ..matching import (AREA_NAMES, AREA_RANGE_BITS, IOU_THRESHOLDS, MAX_DETS, N_AREAS,
+                        N_THRESHOLDS, RECALL_THRESHOLDS, bit_index, match_arrays, threshold_index)
+from ..store import memory_connection
+
+log = logging.getLogger(__name__)
+
+STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+AVERAGES = ("macro", "micro", "weighted")
+BACKGROUND = "background"
+TIDE_ERRORS = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")
+_EPS = np.spacing(1)
+_MAX_DET = MAX_DETS[-1]
+# ignored_mask of an unmatched detection, indexed by its area_mask: all thresholds of the
+# area ranges its area lies outside.
+_UNMATCHED_IGNORED = np.array(
+    [AREA_RANGE_BITS[[not (inside >> a) & 1 for a in range(N_AREAS)]].sum()
+     for inside in range(1 << N_AREAS)], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- accumulation
+
+
+@dataclass(frozen=True)
+class Accumulated:
+    """pycocotools' ``eval`` arrays at maxDets 100: precision, scores (T, R, K, A); recall
+    (T, K, A, M) at maxDets 1, 10, 100.
+
+    -1 marks a class without counted GT in that area range (or a combination not computed).
+    """
+
+    precision: np.ndarray
+    scores: np.ndarray
+    recall: np.ndarray
+
+
+def _recall_counts(n_gt: np.ndarray) -> np.ndarray:
+    """(K, A) GT counts -> (K, A, R): least TP count c with c / n_gt >= recall threshold r."""
+    n = n_gt.astype(np.float64)[..., None, None]
+    base = np.maximum(np.floor(RECALL_THRESHOLDS[:, None] * n) - 1, 0)
+    cand = base + np.arange(4)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        reach = cand / n >= RECALL_THRESHOLDS[:, None]
+    first = np.argmax(reach, axis=-1)
+    return np.take_along_axis(cand, first[..., None], axis=-1)[..., 0].astype(np.int64)
+
+
+def accumulate(det_class: np.ndarray, det_rank: np.ndarray, det_tp_mask: np.ndarray,
+               det_ignored_mask: np.ndarray, det_area_mask: np.ndarray, det_score: np.ndarray,
+               n_gt: np.ndarray, *, areas: tuple[int, ...] = tuple(range(N_AREAS)),
+               thresholds: tuple[int, ...] = tuple(range(N_THRESHOLDS))) -> Accumulated:
+    """COCO accumulate over detections given in pycocotools order.
+
+    ``det_class`` are class indices 0..K-1, and the detections are sorted by class index, then
+    score descending, then image id, then rank (``order_key`` order); detections ranked >= 100
+    are left out here. Masks as stored in ``det_matches``. ``n_gt`` (K, A) counts non-ignored
+    GTs per class and area range.
+
+    Only true positives matter for the precision envelope (its maxima lie on them); the
+    detections counted (TP or FP) before each come from one cumulative sum per area range
+    (an unmatched detection counts exactly when its own area is in range) corrected at the
+    few "special" detections whose flags differ from that (true positives and detections
+    matched to ignored GTs). All 40 (area, threshold) planes are computed together, over the
+    special detections only.
+    """
+    columns = (det_class, det_rank, det_score, det_tp_mask, det_ignored_mask, det_area_mask)
+    keep = det_rank < _MAX_DET
+    if not keep.all():
+        columns = tuple(c[keep] for c in columns)
+    cls, rank, score, tp_mask, ig_mask, area_mask = columns
+    area_mask = area_mask.astype(np.int64)
+    n_gt = np.asarray(n_gt, dtype=np.int64)
+    n_classes = n_gt.shape[0]
+    shape = (N_THRESHOLDS, len(RECALL_THRESHOLDS), n_classes, N_AREAS)
+    precision, scores = np.full(shape, -1.0), np.full(shape, -1.0)
+    recall = np.full((N_THRESHOLDS, n_classes, N_AREAS, len(MAX_DETS)), -1.0)
+    if n_classes == 0:
+        return Accumulated(precision, scores, recall)
+    # One "plane" per (area, threshold) computed, all planes at once.
+    plane_area = np.repeat(np.asarray(areas, dtype=np.int64), len(thresholds))
+    plane_t = np.tile(np.asarray(thresholds, dtype=np.int64), len(areas))
+    bits = plane_area * N_THRESHOLDS + plane_t
+    n_planes = len(bits)
+    class_start = np.searchsorted(cls, np.arange(n_classes))
+    n_det = np.bincount(cls, minlength=n_classes)
+    first_score = np.where(n_det > 0, score[np.minimum(class_start, len(score) - 1)], 0.0) \
+        if len(score) else np.zeros(n_classes)
+
+    # Counted detections up to a position: per area, the in-range ones (an unmatched detection
+    # counts exactly when its own area is in range), corrected at the special ones.
+    special = np.flatnonzero((tp_mask | (ig_mask ^ _UNMATCHED_IGNORED[area_mask])) != 0)
+    inside = (area_mask[None, :] >> np.arange(N_AREAS)[:, None]) & 1
+    base_cum = np.cumsum(inside, axis=1)
+    prev = np.maximum(class_start - 1, 0)
+    base_before = np.where(class_start > 0, base_cum[:, prev], 0) if len(cls) else \
+        np.zeros((N_AREAS, n_classes), np.int64)
+    sp_ignored = (ig_mask[special][None, :] >> bits[:, None]) & 1
+    # +1 where counted though out of range (a TP), -1 where ignored though in range.
+    delta_cum = np.cumsum((1 - sp_ignored) - inside[:, special][plane_area], axis=1)
+    special_before = np.searchsorted(special, class_start) - 1
+    before = base_before[plane_area]
+    if len(special):
+        before = before + np.where(special_before >= 0,
+                                   delta_cum[:, np.maximum(special_before, 0)], 0)
+
+    # True positives of every plane, in (plane, class, score) order.
+    plane_of, j = np.nonzero((tp_mask[special][None, :] >> bits[:, None]) & 1)
+    tp_pos = special[j]
+    tp_cls = cls[tp_pos]
+    group = plane_of * n_classes + tp_cls
+    tp_n = np.bincount(group, minlength=n_planes * n_classes)
+    tp_first = np.cumsum(tp_n) - tp_n
+    count = (np.arange(len(group)) - tp_first[group] + 1).astype(np.float64)
+    upto = (base_cum[plane_area[plane_of], tp_pos] + delta_cum[plane_of, j]
+            - before[plane_of, tp_cls])
+    # pycocotools: tp / (fp + tp + eps), fp + tp being the counted detections so far.
+    pr = count / (upto.astype(np.float64) + _EPS)
+
+    gt_per_plane = n_gt[:, plane_area].T
+    valid = gt_per_plane > 0
+    tp_rank = rank[tp_pos]
+    for m_i, m in enumerate(MAX_DETS):
+        hits = tp_n if m == _MAX_DET else np.bincount(group[tp_rank < m],
+                                                      minlength=n_planes * n_classes)
+        recall[plane_t, :, plane_area, m_i] = np.where(
+            valid, hits.reshape(n_planes, n_classes) / np.maximum(gt_per_plane, 1), -1.0)
+
+    needed = _recall_counts(n_gt)[:, plane_area, :].transpose(1, 0, 2)
+    idx = np.maximum(needed, 1) - 1
+    tp_n, tp_first = tp_n.reshape(n_planes, n_classes, 1), tp_first.reshape(n_planes, n_classes, 1)
+    ok = valid[:, :, None] & (idx < tp_n)
+    at = tp_first + idx
+    q = np.full(needed.shape, -np.inf)
+    if ok.any():
+        # Max precision from each recall point to the next, then the envelope (max over the
+        # rest of the class) as a suffix max over recall points.
+        q[ok] = np.maximum.reduceat(pr, at[ok])
+    q = np.maximum.accumulate(q[:, :, ::-1], axis=2)[:, :, ::-1]
+    q = np.where(valid[:, :, None], np.where(ok, q, 0.0), -1.0)
+    precision[plane_t, :, :, plane_area] = q.transpose(0, 2, 1)
+    # Recall 0 points at the class's first detection whatever it is (searchsorted -> 0).
+    s = np.zeros(needed.shape)
+    s[ok] = score[tp_pos[at[ok]]]
+    s = np.where((needed == 0) & (n_det[None, :, None] > 0), first_score[None, :, None], s)
+    scores[plane_t, :, :, plane_area] = np.where(valid[:, :, None], s, -1.0).transpose(0, 2, 1)
+    return Accumulated(precision, scores, recall)
+
+
+def _mean_valid(values: np.ndarray) -> float:
+    valid = values[values > -1]
+    return float(np.mean(valid)) if valid.size else -1.0
+
+
+def coco_stats(acc: Accumulated) -> dict[str, float]:
+    """The 12 numbers of ``COCOeval.summarize`` (bbox), keyed by ``STAT_KEYS``."""
+    p, r = acc.precision, acc.recall
+    t50, t75 = threshold_index(0.5), threshold_index(0.75)
+    area = {name: i for i, name in enumerate(AREA_NAMES)}
+    m100 = len(MAX_DETS) - 1
+    values = [
+        _mean_valid(p[:, :, :, area["all"]]),
+        _mean_valid(p[t50, :, :, area["all"]]),
+        _mean_valid(p[t75, :, :, area["all"]]),
+        _mean_valid(p[:, :, :, area["small"]]),
+        _mean_valid(p[:, :, :, area["medium"]]),
+        _mean_valid(p[:, :, :, area["large"]]),
+        _mean_valid(r[:, :, area["all"], 0]),
+        _mean_valid(r[:, :, area["all"], 1]),
+        _mean_valid(r[:, :, area["all"], m100]),
+        _mean_valid(r[:, :, area["small"], m100]),
+        _mean_valid(r[:, :, area["medium"], m100]),
+        _mean_valid(r[:, :, area["large"], m100]),
+    ]
+    return dict(zip(STAT_KEYS, values))
+
+
+def _gt_counts(class_index: np.ndarray, area_mask: np.ndarray, weight: np.ndarray,
+               n_classes: int) -> np.ndarray:
+    """(K, A) non-ignored GT counts from per-GT (or per-group) area masks."""
+    out = np.zeros((n_classes, N_AREAS), np.int64)
+    for a in range(N_AREAS):
+        counted = ((area_mask >> a) & 1).astype(bool)
+        out[:, a] = np.bincount(class_index[counted], weights=weight[counted],
+                                minlength=n_classes).astype(np.int64)
+    return out
+
+
+# --------------------------------------------------------------------------- store queries
+
+
+def _cohort_clause(selection: tuple[str, list] | None) -> tuple[str, list]:
+    if selection is None:
+        return "", []
+    sql, params = selection
+    return f" AND image_id IN (SELECT image_id FROM ({sql}) AS vl_cohort)", list(params)
+
+
+def _check_model(store, model_id: str) -> None:
+    if "tp_mask" not in store.table_columns("det_matches"):
+        raise EvalError("this store holds no detection matches (is it a detection dataset?)",
+                        file=str(store.paths.base), field="task")
+    ids = store.model_ids()
+    if model_id not in ids:
+        raise EvalError(f"unknown model {model_id!r}", field="model", choices=ids)
+
+
+def _score(score_threshold: float) -> float:
+    try:
+        value = float(score_threshold)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if math.isnan(value):
+        raise EvalError(f"score threshold {score_threshold!r} is not a number",
+                        field="score_threshold")
+    return value
+
+
+def _class_ids(store, classes: list[int] | None) -> np.ndarray:
+    known = np.arange(len(store.classes))
+    if classes is None:
+        return known
+    chosen = np.unique(np.asarray(list(classes), dtype=np.int64))
+    unknown = np.setdiff1d(chosen, known)
+    if len(unknown):
+        raise EvalError(f"unknown class id {int(unknown[0])}", field="classes",
+                        choices=known.tolist())
+    return chosen
+
+
+def _fetch(store, sql: str, params: list) -> dict[str, np.ndarray]:
+    table = store.arrow(sql, params)
+    return {name: table.column(name).to_numpy() for name in table.column_names}
+
+
+def _class_index(class_ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index into class_ids, whether the value is one of them)."""
+    values = values.astype(np.int64)
+    if len(class_ids) and class_ids[0] == 0 and class_ids[-1] == len(class_ids) - 1:
+        # All classes 0..K-1 (the default): the id is the index.
+        return np.clip(values, 0, len(class_ids) - 1), (values >= 0) & (values < len(class_ids))
+    index = np.minimum(np.searchsorted(class_ids, values), max(len(class_ids) - 1, 0))
+    inside = (class_ids[index] == values) if len(class_ids) else np.zeros(len(values), bool)
+    return index, inside
+
+
+def _cohort_dets(store, model_id, selection, score, class_ids, columns: str) -> dict:
+    """The cohort's detections within maxDets and above the score, of the chosen classes."""
+    where, params = _cohort_clause(selection)
+    sql = (f"SELECT {columns} FROM det_matches WHERE model_id = ? AND rank < {_MAX_DET} "
+           f"AND score >= ?{where}")
+    rows = _fetch(store, sql, [model_id, score, *params])
+    _, inside = _class_index(class_ids, rows["class_id"])
+    return rows if inside.all() else {k: v[inside] for k, v in rows.items()}
+
+
+def _cohort_gt_counts(store, model_id, selection, class_ids) -> np.ndarray:
+    where, params = _cohort_clause(selection)
+    rows = _fetch(store, "SELECT class_id, area_mask, count(*) AS n FROM gt_matches "
+                         f"WHERE model_id = ?{where} GROUP BY class_id, area_mask",
+                  [model_id, *params])
+    index, inside = _class_index(class_ids, rows["class_id"])
+    return _gt_counts(index[inside], rows["area_mask"].astype(np.int64)[inside],
+                      rows["n"].astype(np.float64)[inside], len(class_ids))
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def detection_metrics(store, model_id: str, selection: tuple[str, list] | None, *,
+                      iou: float | None = None, score_threshold: float = 0.0,
+                      classes: list[int] | None = None, average: str = "macro") -> dict:
+    """COCO metrics of ``model_id`` on a cohort, from stored matches.
+
+    ``selection`` is ``(sql, params)`` of a SELECT with an ``image_id`` column (None: all
+    images). ``iou`` (default 0.5) must be a stored threshold; ``score_threshold`` drops lower
+    scored detections; ``classes`` restricts the evaluated classes (COCO ``catIds``).
+
+    Returns a dict with the 12 COCO stats (keys ``STAT_KEYS``, macro over classes with GT, -1
+    when undefined, as pycocotools), ``mAP`` (AP at ``iou``, averaged as ``average``:
+    'macro' = mean over classes with GT (COCO), 'weighted' = weighted by GT count, 'micro' =
+    one ranking of all classes' detections against all GTs), ``aggregates`` (each averaging
+    -> AP, AP at iou, AR100, precision / recall / F1 at iou and score threshold),
+    ``per_class`` (DataFrame: class_id, name, n_gt, n_tp, n_fp, n_fn, precision, recall, f1 at
+    iou and score threshold; AP, AP50, AP75, AP_iou, AR100; -1 where no GT) and ``curves``
+    (class_id -> 101-point ``recall`` / ``precision`` / ``scores`` at iou, area all,
+    maxDets 100, as pycocotools' ``eval['precision']``).
+    """
+    _check_model(store, model_id)
+    t = threshold_index(0.5 if iou is None else iou)
+    score = _score(score_threshold)
+    if average not in AVERAGES:
+        raise EvalError(f"unknown average {average!r}", field="average", choices=list(AVERAGES))
+    class_ids = _class_ids(store, classes)
+    dets = _cohort_dets(store, model_id, selection, score, class_ids,
+                        "class_id, rank, order_key, tp_mask, ignored_mask, area_mask, score")
+    n_gt = _cohort_gt_counts(store, model_id, selection, class_ids)
+    order = np.argsort(dets.pop("order_key"))
+    d = {k: v[order] for k, v in dets.items()}
+    cls, _ = _class_index(class_ids, d["class_id"])
+    acc = accumulate(cls, d["rank"], d["tp_mask"], d["ignored_mask"], d["area_mask"], d["score"],
+                     n_gt)
+    result: dict = dict(coco_stats(acc))
+
+    columns = _per_class(acc, d, cls, n_gt, t)
+    aggregates = _aggregates(columns, _micro(d, cls, n_gt, t))
+    names = store.classes
+    per_class = pd.DataFrame({"class_id": class_ids.astype(np.int64),
+                              "name": [names[k] for k in class_ids], **columns})
+    result.update({
+        "model_id": model_id, "iou": float(IOU_THRESHOLDS[t]), "score_threshold": score,
+        "average": average, "mAP": aggregates[average]["AP_iou"],
+        "aggregates": aggregates, "per_class": per_class,
+        "curves": {int(k): {"recall": RECALL_THRESHOLDS.copy(),
+                            "precision": acc.precision[t, :, i, 0].copy(),
+                            "scores": acc.scores[t, :, i, 0].copy()}
+                   for i, k in enumerate(class_ids) if n_gt[i, 0] > 0},
+    })
+    return result
+
+
+def _point_counts(tp_mask, ignored_mask, cls, n_classes: int, t: int):
+    bit = bit_index(t, 0)
+    tp = ((tp_mask >> bit) & 1).astype(bool)
+    counted = ((ignored_mask >> bit) & 1) == 0
+    return (np.bincount(cls[tp], minlength=n_classes),
+            np.bincount(cls[counted & ~tp], minlength=n_classes))
+
+
+def _ratio(num, den) -> np.ndarray:
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+_AGGREGATED = ("AP", "AP_iou", "AR100", "precision", "recall", "f1")
+
+
+def _per_class(acc, d, cls, n_gt, t) -> dict[str, np.ndarray]:
+    n_tp, n_fp = _point_counts(d["tp_mask"], d["ignored_mask"], cls, n_gt.shape[0], t)
+    has_gt = n_gt[:, 0] > 0
+
+    def ap(p):  # p: (..., K) -> per class mean over the leading axes, -1 without GT
+        return np.where(has_gt, p.reshape(-1, p.shape[-1]).mean(axis=0), -1.0)
+
+    precision = _ratio(n_tp, n_tp + n_fp)
+    recall = _ratio(n_tp, n_gt[:, 0])
+    return {
+        "n_gt": n_gt[:, 0], "n_tp": n_tp, "n_fp": n_fp, "n_fn": n_gt[:, 0] - n_tp,
+        "precision": precision, "recall": recall,
+        "f1": _ratio(2 * precision * recall, precision + recall),
+        "AP": ap(acc.precision[:, :, :, 0]),
+        "AP50": ap(acc.precision[threshold_index(0.5), :, :, 0]),
+        "AP75": ap(acc.precision[threshold_index(0.75), :, :, 0]),
+        "AP_iou": ap(acc.precision[t, :, :, 0]),
+        "AR100": ap(acc.recall[:, :, 0, -1]),
+    }
+
+
+def _micro(d, cls, n_gt, t) -> dict:
+    """All classes' detections in one ranking against all GTs (area all).
+
+    Ranked by score descending; equal scores keep the class-major COCO order (class, image,
+    rank), so the result is deterministic.
+    """
+    order = np.argsort(-d["score"], kind="stable")
+    total = n_gt.sum(axis=0, keepdims=True)
+    one_class = np.zeros(len(order), np.int64)
+    acc = accumulate(one_class, d["rank"][order], d["tp_mask"][order], d["ignored_mask"][order],
+                     d["area_mask"][order], d["score"][order], total, areas=(0,))
+    n_tp, n_fp = _point_counts(d["tp_mask"], d["ignored_mask"], one_class, 1, t)
+    p, r = float(_ratio(n_tp[0], n_tp[0] + n_fp[0])), float(_ratio(n_tp[0], total[0, 0]))
+    return {"AP": _mean_valid(acc.precision[:, :, 0, 0]),
+            "AP_iou": _mean_valid(acc.precision[t, :, 0, 0]),
+            "AR100": _mean_valid(acc.recall[:, 0, 0, -1]),
+            "precision": p, "recall": r, "f1": float(_ratio(2 * p * r, p + r))}
+
+
+def _aggregates(columns: dict[str, np.ndarray], micro: dict) -> dict:
+    with_gt = columns["n_gt"] > 0
+    out = {}
+    for name in ("macro", "weighted"):
+        if not with_gt.any():
+            out[name] = {k: -1.0 for k in _AGGREGATED}
+            continue
+        weights = columns["n_gt"][with_gt].astype(float) if name == "weighted" else None
+        out[name] = {k: float(np.average(columns[k][with_gt], weights=weights))
+                     for k in _AGGREGATED}
+    out["micro"] = micro
+    return out
+
+
+# --------------------------------------------------------------------------- one image
+
+
+def image_objects(store, model_id: str, image_id: int, iou: float,
+                  score_threshold: float) -> pd.DataFrame:
+    """Every box of one image with its outcome at ``iou`` (area all, maxDets 100).
+
+    Columns: kind ('det' | 'gt'), id (det_id / gt_id), class_id, score (NaN for GT), xmin,
+    ymin, xmax, ymax, status, partner_id, iou. Detections below ``score_threshold`` are left
+    out. Detection status: 'tp', 'fp', or 'ignored' (matched a crowd region, or beyond the 100
+    best of its class); GT status: 'tp', 'fn', or 'ignored' (crowd). partner_id is the matched
+    box (NA when unmatched); iou is the partner's IoU, for an unmatched detection its best IoU
+    with a GT of its class (0 if none), NaN for an unmatched GT.
+    """
+    _check_model(store, model_id)
+    t = threshold_index(iou)
+    score = _score(score_threshold)
+    bit = bit_index(t, 0)
+    dets = store.query(
+        "SELECT 'det' AS kind, m.det_id AS id, m.class_id, m.score, "
+        "b.xmin, b.ymin, b.xmax, b.ymax, "
+        "CASE WHEN (m.tp_mask >> ?) & 1 = 1 THEN 'tp' "
+        "     WHEN (m.ignored_mask >> ?) & 1 = 1 THEN 'ignored' ELSE 'fp' END AS status, "
+        "CASE WHEN m.match_gt_ids[?] >= 0 THEN m.match_gt_ids[?] END AS partner_id, "
+        "CASE WHEN m.match_gt_ids[?] >= 0 THEN m.match_ious[?] ELSE m.best_same_iou END AS iou "
+        "FROM det_matches m JOIN det_boxes b USING (model_id, image_id, det_id) "
+        "WHERE m.model_id = ? AND m.image_id = ? AND m.score >= ? ORDER BY m.score DESC, m.det_id",
+        [bit, bit, t + 1, t + 1, t + 1, t + 1, model_id, int(image_id), score])
+    gts = store.query(
+        "SELECT 'gt' AS kind, m.gt_id AS id, m.class_id, CAST(NULL AS DOUBLE) AS score, "
+        "b.xmin, b.ymin, b.xmax, b.ymax, "
+        "CASE WHEN (m.area_mask & 1) = 0 THEN 'ignored' "
+        "     WHEN m.match_det_ids[?] >= 0 AND m.match_scores[?] >= ? THEN 'tp' ELSE 'fn' END "
+        "     AS status, "
+        "CASE WHEN m.match_det_ids[?] >= 0 AND m.match_scores[?] >= ? THEN m.match_det_ids[?] END "
+        "     AS partner_id, "
+        "CASE WHEN m.match_det_ids[?] >= 0 AND m.match_scores[?] >= ? THEN m.match_ious[?] END "
+        "     AS iou "
+        "FROM gt_matches m JOIN gt_boxes b USING (image_id, gt_id) "
+        "WHERE m.model_id = ? AND m.image_id = ? ORDER BY m.gt_id",
+        [t + 1, t + 1, score, t + 1, t + 1, score, t + 1, t + 1, t + 1, score, t + 1,
+         model_id, int(image_id)])
+    frame = pd.concat([dets, gts], ignore_index=True)
+    frame["partner_id"] = frame["partner_id"].astype("Int64")
+    frame["iou"] = frame["iou"].astype(float)
+    frame["score"] = frame["score"].astype(float)
+    return frame
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _error_inputs(store, model_id, selection, iou, score_threshold):
+    """Counted detections and counted GTs (area 'all': not crowd) of a cohort at (iou, score)."""
+    _check_model(store, model_id)
+    t = threshold_index(iou)
+    score = _score(score_threshold)
+    bit = bit_index(t, 0)
+    where, params = _cohort_clause(selection)
+    dets = _fetch(store, (
+        "SELECT image_id, det_id, class_id, score, rank, "
+        "(tp_mask >> ?) & 1 = 1 AS tp, best_same_gt_id, best_same_iou, best_other_gt_id, "
+        "best_other_class_id, best_other_iou FROM det_matches "
+        f"WHERE model_id = ? AND score >= ? AND ((tp_mask | ~ignored_mask) >> ?) & 1 = 1{where} "
+        "ORDER BY score DESC, det_id"), [bit, model_id, score, bit, *params])
+    gts = _fetch(store, (
+        "SELECT image_id, gt_id, class_id, "
+        "coalesce(match_det_ids[?] >= 0 AND match_scores[?] >= ?, false) AS matched "
+        f"FROM gt_matches WHERE model_id = ? AND (area_mask & 1) = 1{where} ORDER BY gt_id"),
+        [t + 1, t + 1, score, model_id, *params])
+    return t, score, dets, gts
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray, default) -> np.ndarray:
+    """values[keys == query] for each query (keys unique), ``default`` where absent."""
+    if len(keys) == 0:
+        return np.full(len(query), default)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    pos = np.minimum(np.searchsorted(sorted_keys, query), len(keys) - 1)
+    return np.where(sorted_keys[pos] == query, values[order][pos], default)
+
+
+def _first_per_key(keys: np.ndarray) -> np.ndarray:
+    """True for the first occurrence of each key (arrays already in priority order)."""
+    _, first = np.unique(keys, return_index=True)
+    flag = np.zeros(len(keys), bool)
+    flag[first] = True
+    return flag
+
+
+def confusion_matrix_detection(store, model_id: str, selection: tuple[str, list] | None,
+                               iou: float, score_threshold: float) -> pd.DataFrame:
+    """GT class (rows) x predicted class (columns) counts, with a background row and column.
+
+    At ``iou`` (area all, maxDets 100) and ``score_threshold``, over the cohort; crowd GTs and
+    ignored detections (matched to a crowd region) are left out. Each counted detection falls
+    in exactly one cell of its column and each non-crowd GT in exactly one cell of its row:
+
+    - a true positive: (its class, its class);
+    - a missed GT that is the best-overlapping other-class GT of false positives with IoU >=
+      ``iou``: (GT class, class of the highest-scored such detection) -- a class confusion,
+      one per GT;
+    - any other false positive: (background, its class);
+    - any other missed GT: (its class, background).
+
+    So column sums are the detection counts per class, row sums the GT counts per class; the
+    background row holds FPs that are not confusions, the background column FNs that are not.
+    """
+    t, _, dets, gts = _error_inputs(store, model_id, selection, iou, score_threshold)
+    names = list(store.classes)
+    n = len(names)
+    matrix = np.zeros((n + 1, n + 1), np.int64)
+    tp = dets["tp"].astype(bool)
+    det_cls = dets["class_id"].astype(np.int64)
+    np.add.at(matrix, (det_cls[tp], det_cls[tp]), 1)
+    gt_id, gt_cls = gts["gt_id"].astype(np.int64), gts["class_id"].astype(np.int64)
+    gt_matched = gts["matched"].astype(bool)
+    target = dets["best_other_gt_id"].astype(np.int64)
+    target_missed = ~_lookup(gt_id, gt_matched, target, True)
+    candidate = ~tp & (dets["best_other_iou"] >= IOU_THRESHOLDS[t]) & (target >= 0) & target_missed
+    # Detections are in score-descending, det_id order: the first per GT is the confusion.
+    cand_idx = np.flatnonzero(candidate)
+    winner = np.zeros(len(tp), bool)
+    winner[cand_idx[_first_per_key(target[cand_idx])]] = True
+    np.add.at(matrix, (dets["best_other_class_id"].astype(np.int64)[winner], det_cls[winner]), 1)
+    plain_fp = ~tp & ~winner
+    np.add.at(matrix, (np.full(plain_fp.sum(), n), det_cls[plain_fp]), 1)
+    confused = np.isin(gt_id, target[winner])
+    missed = ~gt_matched & ~confused
+    np.add.at(matrix, (gt_cls[missed], np.full(missed.sum(), n)), 1)
+    labels = names + [BACKGROUND]
+    return pd.DataFrame(matrix, index=pd.Index(labels, name="ground truth"),
+                        columns=pd.Index(labels, name="predicted"))
+
+
+def _macro_ap_at(det_cls, det_score, det_image, det_rank, det_tp, n_gt_k, classes_with_gt, t):
+    """Macro AP (101-point) at one threshold for a (possibly fixed-up) set of counted dets."""
+    order = np.lexsort((det_rank, det_image, -det_score, det_cls))
+    n_gt = np.zeros((len(n_gt_k), N_AREAS), np.int64)
+    n_gt[:, 0] = n_gt_k
+    bit = bit_index(t, 0)
+    # Only counted detections come here: none ignored, all "inside" every area range.
+    acc = accumulate(det_cls[order], np.zeros(len(order), np.int64),
+                     det_tp[order].astype(np.int64) << bit, np.zeros(len(order), np.int64),
+                     np.full(len(order), (1 << N_AREAS) - 1, np.int64), det_score[order], n_gt,
+                     areas=(0,), thresholds=(t,))
+    per_class = acc.precision[t, :, :, 0].mean(axis=0)
+    # A class whose every GT was "fixed away" keeps its place in the mean with AP 0.
+    per_class = np.where(n_gt_k > 0, per_class, 0.0)
+    return float(per_class[classes_with_gt].mean()) if classes_with_gt.any() else -1.0
+
+
+def tide_errors(store, model_id: str, selection: tuple[str, list] | None, *, iou: float = 0.5,
+                background_iou: float = 0.1, score_threshold: float = 0.0) -> dict:
+    """TIDE (Bolya et al., ECCV 2020) error counts and dAP, on a cohort, from stored matches.
+
+    Formulation (following the TIDE toolbox, on our COCO matching):
+
+    - Base: COCO matching at ``iou`` = t_f (area all, maxDets 100, crowd matches ignored) of
+      the detections with score >= ``score_threshold``; AP = macro 101-point AP at t_f over the
+      classes with GT in the cohort (= ``detection_metrics(...)['mAP']``).
+    - Each false positive gets the first type that applies, in TIDE's order, with IoU_same /
+      IoU_other its best IoU with a non-crowd GT of its own / another class:
+      Loc: t_b <= IoU_same <= t_f; Cls: IoU_other >= t_f; Dupe: IoU_same >= t_f (that GT is
+      already matched by a higher-scored detection); Bkg: max(IoU_same, IoU_other) <= t_b;
+      Both: otherwise. t_b = ``background_iou``.
+    - Fixes, one type at a time, then AP again: Cls -> the detection takes the GT's class and
+      becomes its true positive, Loc -> it becomes the true positive of its best same-class GT,
+      each only if that GT is unmatched and this detection is the highest-scored Cls/Loc error
+      on it (ties: lower det_id), otherwise it is removed; Dupe, Bkg, Both -> removed;
+      Miss -> every missed GT not targeted by such a fixable Cls/Loc error is removed from the
+      GT count. dAP = max(AP_fixed - AP_base, 0) (TIDE clamps binning noise).
+    - Special: FalsePos removes every false positive, FalseNeg removes every missed GT.
+    - A class whose GT count falls to 0 under a fix keeps AP 0 in the mean.
+
+    Returns {'iou', 'background_iou', 'score_threshold', 'ap', 'errors': DataFrame(type, count,
+    dAP), 'special': {'FalsePos': dAP, 'FalseNeg': dAP}, 'det_errors': DataFrame(image_id,
+    det_id, class_id, score, error, target_gt_id, fixable), 'missed_gt_ids': array}.
+    """
+    t, score, dets, gts = _error_inputs(store, model_id, selection, iou, score_threshold)
+    t_f = float(IOU_THRESHOLDS[t])
+    t_b = float(background_iou)
+    if not 0 < t_b < t_f:
+        raise EvalError(f"background IoU must lie strictly between 0 and {t_f}",
+                        field="background_iou")
+    n_classes = len(store.classes)
+    det_cls = dets["class_id"].astype(np.int64)
+    det_score = dets["score"].astype(np.float64)
+    det_image = dets["image_id"].astype(np.int64)
+    det_rank = dets["rank"].astype(np.int64)
+    tp = dets["tp"].astype(bool)
+    same_iou, other_iou = dets["best_same_iou"], dets["best_other_iou"]
+    gt_id, gt_cls = gts["gt_id"].astype(np.int64), gts["class_id"].astype(np.int64)
+    gt_matched = gts["matched"].astype(bool)
+    n_gt_k = np.bincount(gt_cls, minlength=n_classes)
+    classes_with_gt = n_gt_k > 0
+
+    fp = ~tp
+    loc = fp & (same_iou >= t_b) & (same_iou <= t_f)
+    cls_err = fp & ~loc & (other_iou >= t_f)
+    dupe = fp & ~loc & ~cls_err & (same_iou >= t_f)
+    bkg = fp & ~loc & ~cls_err & ~dupe & (np.maximum(same_iou, other_iou) <= t_b)
+    both = fp & ~loc & ~cls_err & ~dupe & ~bkg
+    target = np.where(loc, dets["best_same_gt_id"], np.where(cls_err, dets["best_other_gt_id"], -1))
+    target = target.astype(np.int64)
+    target_cls = np.where(loc, det_cls, dets["best_other_class_id"]).astype(np.int64)
+    usable = (loc | cls_err) & ~_lookup(gt_id, gt_matched, target, True)
+    usable_idx = np.flatnonzero(usable)  # dets are in score-descending, det_id order
+    fixable = np.zeros(len(tp), bool)
+    fixable[usable_idx[_first_per_key(target[usable_idx])]] = True
+    missed = ~gt_matched & ~np.isin(gt_id, target[usable])
+
+    base = _macro_ap_at(det_cls, det_score, det_image, det_rank, tp, n_gt_k, classes_with_gt, t)
+
+    def fixed_ap(error: np.ndarray, relabel: bool = False, gt_drop=None) -> float:
+        keep = ~error | fixable
+        new_cls = np.where(error & fixable & relabel, target_cls, det_cls)
+        new_tp = tp | (error & fixable)
+        n_gt = n_gt_k - (np.bincount(gt_cls[gt_drop], minlength=n_classes) if gt_drop is not None
+                         else 0)
+        return _macro_ap_at(new_cls[keep], det_score[keep], det_image[keep], det_rank[keep],
+                            new_tp[keep], n_gt, classes_with_gt, t)
+
+    nothing = np.zeros(len(tp), bool)
+    gains = {
+        "Cls": fixed_ap(cls_err, relabel=True),
+        "Loc": fixed_ap(loc),
+        "Both": _macro_ap_at(det_cls[~both], det_score[~both], det_image[~both], det_rank[~both],
+                             tp[~both], n_gt_k, classes_with_gt, t),
+        "Dupe": _macro_ap_at(det_cls[~dupe], det_score[~dupe], det_image[~dupe], det_rank[~dupe],
+                             tp[~dupe], n_gt_k, classes_with_gt, t),
+        "Bkg": _macro_ap_at(det_cls[~bkg], det_score[~bkg], det_image[~bkg], det_rank[~bkg],
+                            tp[~bkg], n_gt_k, classes_with_gt, t),
+        "Miss": fixed_ap(nothing, gt_drop=missed),
+    }
+    counts = {"Cls": int(cls_err.sum()), "Loc": int(loc.sum()), "Both": int(both.sum()),
+              "Dupe": int(dupe.sum()), "Bkg": int(bkg.sum()), "Miss": int(missed.sum())}
+    special = {
+        "FalsePos": _macro_ap_at(det_cls[tp], det_score[tp], det_image[tp], det_rank[tp], tp[tp],
+                                 n_gt_k, classes_with_gt, t) - base,
+        "FalseNeg": fixed_ap(nothing, gt_drop=~gt_matched) - base,
+    }
+    error_name = np.select([cls_err, loc, both, dupe, bkg], ["Cls", "Loc", "Both", "Dupe", "Bkg"],
+                           default="")
+    return {
+        "iou": t_f, "background_iou": t_b, "score_threshold": score, "ap": base,
+        "errors": pd.DataFrame({"type": list(TIDE_ERRORS),
+                                "count": [counts[k] for k in TIDE_ERRORS],
+                                "dAP": [max(gains[k] - base, 0.0) for k in TIDE_ERRORS]}),
+        "special": special,
+        "det_errors": pd.DataFrame({
+            "image_id": det_image[fp], "det_id": dets["det_id"].astype(np.int64)[fp],
+            "class_id": det_cls[fp], "score": det_score[fp], "error": error_name[fp],
+            "target_gt_id": target[fp], "fixable": fixable[fp]}),
+        "missed_gt_ids": gt_id[missed],
+    }
+
+
+# --------------------------------------------------------------------------- COCO json files
+
+
+@dataclass(frozen=True)
+class CocoArrays:
+    """A COCO ground truth and results pair as arrays (file order kept for tie-breaking)."""
+
+    image_ids: np.ndarray
+    category_ids: np.ndarray
+    gt_image: np.ndarray
+    gt_category: np.ndarray
+    gt_xywh: np.ndarray
+    gt_area: np.ndarray
+    gt_crowd: np.ndarray
+    det_image: np.ndarray
+    det_category: np.ndarray
+    det_xywh: np.ndarray
+    det_score: np.ndarray
+
+
+def _json_list(doc: dict, key: str, path: str, required: bool = True) -> list:
+    value = doc.get(key)
+    if value is None and not required:
+        return []
+    if not isinstance(value, list):
+        raise EvalError(f"'{key}' must be a list", file=path, field=key)
+    return value
+
+
+_REQUIRED = object()
+
+
+def _records_field(records: list, field: str, path: str, what: str, default=_REQUIRED) -> list:
+    """``record[field]`` for every record; a missing field names the first record lacking it."""
+    try:
+        if default is _REQUIRED:
+            return [r[field] for r in records]
+        return [r.get(field, default) for r in records]
+    except (KeyError, TypeError, AttributeError):
+        for i, r in enumerate(records):
+            if not isinstance(r, dict):
+                raise EvalError(f"{what} {i} is not an object", file=path, row=i) from None
+            if default is _REQUIRED and field not in r:
+                raise EvalError(f"{what} {i} has no '{field}'", file=path, row=i,
+                                field=field) from None
+        raise
+
+
+def _numbers(values: list, path: str, what: str, field: str, *, integer: bool = False,
+             width: int | None = None) -> np.ndarray:
+    """Convert a list of JSON values to float64, naming the first bad record on failure."""
+    if not values:
+        return np.zeros((0,) if width is None else (0, width))
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+        if width is not None and arr.shape != (len(values), width):
+            raise ValueError
+    except (TypeError, ValueError):
+        for i, v in enumerate(values):
+            try:
+                ok = np.asarray(v, dtype=np.float64).shape == (() if width is None else (width,))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                shape = "a number" if width is None else f"a list of {width} numbers"
+                raise EvalError(f"{what} {i}: '{field}' must be {shape}, got {v!r}", file=path,
+                                row=i, field=field) from None
+        raise
+    _check_finite(arr, path, what, field, integer=integer)
+    return arr
+
+
+def _check_finite(arr: np.ndarray, path: str, what: str, field: str, *,
+                  integer: bool = False) -> None:
+    bad = ~np.isfinite(arr) if arr.ndim == 1 else ~np.isfinite(arr).all(axis=1)
+    if integer:
+        bad |= np.isfinite(arr) & (arr != np.round(arr))
+    if bad.any():
+        i = int(np.argmax(bad))
+        kind = "an integer" if integer else "finite"
+        raise EvalError(f"{what} {i}: '{field}' must be {kind}, got {arr[i].tolist()!r}",
+                        file=path, row=i, field=field)
+
+
+def _unique_ids(ids: np.ndarray, path: str, what: str) -> None:
+    values, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = values[counts > 1][0]
+        where = np.flatnonzero(ids == dup)
+        raise EvalError(f"duplicate {what} id {int(dup)} (records {where[0]} and {where[1]})",
+                        file=path, row=int(where[1]), field="id")
+
+
+def _known(ids: np.ndarray, known: np.ndarray, path: str, what: str, field: str) -> None:
+    bad = ~np.isin(ids, known)
+    if bad.any():
+        i = int(np.argmax(bad))
+        kind = "image" if field == "image_id" else "category"
+        raise EvalError(f"{what} {i} refers to unknown {kind} {int(ids[i])}", file=path, row=i,
+                        field=field)
+
+
+def _check_boxes(xywh: np.ndarray, path: str, what: str) -> None:
+    _check_finite(xywh, path, what, "bbox")
+    negative = (xywh[:, 2] < 0) | (xywh[:, 3] < 0)
+    if negative.any():
+        i = int(np.argmax(negative))
+        raise EvalError(f"{what} {i}: 'bbox' has a negative width or height "
+                        f"{xywh[i].tolist()}", file=path, row=i, field="bbox")
+
+
+def _load_gt(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            doc = json.load(handle)
+    except OSError as exc:
+        raise EvalError(f"cannot read ground truth: {exc.strerror}", file=path) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EvalError(f"not valid JSON: {exc}", file=path) from exc
+    if not isinstance(doc, dict):
+        raise EvalError("a COCO ground truth file holds one object with 'images', "
+                        "'annotations' and 'categories'", file=path)
+    images = _json_list(doc, "images", path)
+    cats = _json_list(doc, "categories", path)
+    anns = _json_list(doc, "annotations", path, required=False)
+    image_ids = _numbers(_records_field(images, "id", path, "image"), path, "image", "id",
+                         integer=True)
+    cat_ids = _numbers(_records_field(cats, "id", path, "category"), path, "category", "id",
+                       integer=True)
+    _unique_ids(image_ids, path, "image")
+    _unique_ids(cat_ids, path, "category")
+    ann_ids = _numbers(_records_field(anns, "id", path, "annotation"), path, "annotation", "id",
+                       integer=True)
+    _unique_ids(ann_ids, path, "annotation")
+    if (ann_ids == 0).any():
+        log.warning("%s: annotation %d has id 0; pycocotools counts a detection matched to it "
+                    "as a false positive (it reads id 0 as 'unmatched'), VisionLens as a true "
+                    "positive", path, int(np.argmax(ann_ids == 0)))
+    gt_image = _numbers(_records_field(anns, "image_id", path, "annotation"), path, "annotation",
+                        "image_id", integer=True)
+    gt_cat = _numbers(_records_field(anns, "category_id", path, "annotation"), path,
+                      "annotation", "category_id", integer=True)
+    xywh = _numbers(_records_field(anns, "bbox", path, "annotation"), path, "annotation", "bbox",
+                    width=4).reshape(-1, 4)
+    _check_boxes(xywh, path, "annotation")
+    # A missing (or null) area is the box area.
+    raw_area = _records_field(anns, "area", path, "annotation", default=None)
+    absent = np.array([v is None for v in raw_area], dtype=bool)
+    area = _numbers([0.0 if v is None else v for v in raw_area], path, "annotation", "area")
+    area = np.where(absent, xywh[:, 2] * xywh[:, 3], area)
+    crowd = _numbers(_records_field(anns, "iscrowd", path, "annotation", default=0), path,
+                     "annotation", "iscrowd", integer=True)
+    _known(gt_image, image_ids, path, "annotation", "image_id")
+    _known(gt_cat, cat_ids, path, "annotation", "category_id")
+    return {"image_ids": image_ids.astype(np.int64), "category_ids": cat_ids.astype(np.int64),
+            "gt_image": gt_image.astype(np.int64), "gt_category": gt_cat.astype(np.int64),
+            "gt_xywh": xywh, "gt_area": area, "gt_crowd": crowd != 0}
+
+
+_RESULTS_SQL = (
+    "SELECT image_id, category_id, bbox, score, len(bbox) AS n_box "
+    "FROM read_json(?, format = 'array', "
+    "columns = {image_id: 'DOUBLE', category_id: 'DOUBLE', bbox: 'DOUBLE[]', score: 'DOUBLE'})")
+
+
+@functools.cache
+def _json_reader():
+    """One in-memory DuckDB for reading results files; opening one costs far more than a read."""
+    return memory_connection()
+
+
+def _load_results(path: str, image_ids: np.ndarray, cat_ids: np.ndarray) -> dict:
+    """A COCO results file (a JSON list of {image_id, category_id, bbox, score}), in file order.
+
+    Read by DuckDB's JSON reader (C++, several threads), then checked field by field.
+    """
+    if not Path(path).is_file():
+        raise EvalError("results file not found", file=path)
+    cursor = _json_reader().cursor()
+    try:
+        table = cursor.sql(_RESULTS_SQL, params=[str(path)]).to_arrow_table()
+    except duckdb.Error as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EvalError(f"not a COCO results list: {first}", file=path) from exc
+    finally:
+        cursor.close()
+    cols = {}
+    for field in ("image_id", "category_id", "score", "n_box"):
+        column = table.column(field)
+        if column.null_count:
+            i = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            name = "bbox" if field == "n_box" else field
+            raise EvalError(f"detection {i} has no '{name}'", file=path, row=i, field=name)
+        cols[field] = column.to_numpy()
+    short = cols["n_box"] != 4
+    if short.any():
+        i = int(np.argmax(short))
+        raise EvalError(f"detection {i}: 'bbox' must be a list of 4 numbers", file=path, row=i,
+                        field="bbox")
+    flat = table.column("bbox").combine_chunks().flatten()
+    if flat.null_count:
+        i = int(np.flatnonzero(flat.is_null().to_numpy(zero_copy_only=False))[0]) // 4
+        raise EvalError(f"detection {i}: 'bbox' holds a null", file=path, row=i, field="bbox")
+    xywh = flat.to_numpy().reshape(-1, 4)
+    _check_finite(cols["image_id"], path, "detection", "image_id", integer=True)
+    _check_finite(cols["category_id"], path, "detection", "category_id", integer=True)
+    _check_finite(cols["score"], path, "detection", "score")
+    _check_boxes(xywh, path, "detection")
+    _known(cols["image_id"], image_ids, path, "detection", "image_id")
+    _known(cols["category_id"], cat_ids, path, "detection", "category_id")
+    return {"det_image": cols["image_id"].astype(np.int64),
+            "det_category": cols["category_id"].astype(np.int64),
+            "det_xywh": xywh, "det_score": cols["score"].astype(np.float64)}
+
+
+def load_coco_files(gt_json_path, dets_json_path) -> CocoArrays:
+    """Read and check a COCO ground truth file and a COCO results file (EvalError if bad)."""
+    gt = _load_gt(str(gt_json_path))
+    dets = _load_results(str(dets_json_path), gt["image_ids"], gt["category_ids"])
+    return CocoArrays(**gt, **dets)
+
+
+def evaluate_coco_arrays(data: CocoArrays) -> Accumulated:
+    """Match and accumulate a COCO pair (all images, all categories), as ``COCOeval``."""
+    res = match_arrays(data.det_image, data.det_category, data.det_score, data.det_xywh,
+                       data.gt_image, data.gt_category, data.gt_xywh, data.gt_area,
+                       data.gt_crowd, overlaps=False)
+    cats = np.unique(data.category_ids)
+    order = np.argsort(res.det_order_key)
+    n_gt = _gt_counts(np.searchsorted(cats, data.gt_category), res.gt_area_mask,
+                      np.ones(len(data.gt_category)), len(cats))
+    return accumulate(np.searchsorted(cats, data.det_category[order]), res.det_rank[order],
+                      res.det_tp_mask[order], res.det_ignored_mask[order],
+                      res.det_area_mask[order], data.det_score[order], n_gt)
+
+
+def evaluate_coco_files(gt_json_path, dets_json_path) -> dict[str, float]:
+    """The 12 COCO bbox stats for a ground truth json and a results json (as pycocotools)."""
+    data = load_coco_files(gt_json_path, dets_json_path)
+    log.info("evaluating %d detections against %d GT boxes on %d images", len(data.det_score),
+             len(data.gt_image), len(data.image_ids))
+    return coco_stats(evaluate_coco_arrays(data))
+
+
+_SUMMARY_LINES = (
+    (1, None, "all", 100), (1, 0.5, "all", 100), (1, 0.75, "all", 100), (1, None, "small", 100),
+    (1, None, "medium", 100), (1, None, "large", 100), (0, None, "all", 1), (0, None, "all", 10),
+    (0, None, "all", 100), (0, None, "small", 100), (0, None, "medium", 100),
+    (0, None, "large", 100),
+)
+
+
+def summary_lines(stats: dict[str, float]) -> list[str]:
+    """The 12 lines pycocotools' ``summarize`` prints, for ``stats``."""
+    lines = []
+    for key, (is_ap, thr, area, max_dets) in zip(STAT_KEYS, _SUMMARY_LINES):
+        title = "Average Precision" if is_ap else "Average Recall"
+        kind = "(AP)" if is_ap else "(AR)"
+        iou_text = (f"{IOU_THRESHOLDS[0]:0.2f}:{IOU_THRESHOLDS[-1]:0.2f}" if thr is None
+                    else f"{thr:0.2f}")
+        lines.append(f" {title:<18} {kind} @[ IoU={iou_text:<9} | area={area:>6s} | "
+                     f"maxDets={max_dets:>3d} ] = {stats[key]:0.3f}")
+    return lines
+
+
+def eval_coco_main(argv: list[str] | None = None) -> int:
+    """``visionlens eval-coco GT.json DETS.json [--json]``; exit 0, or 1 for bad input files."""
+    parser = argparse.ArgumentParser(
+        prog="visionlens eval-coco",
+        description="COCO bbox evaluation (equal to pycocotools COCOeval) of a results file.")
+    parser.add_argument("gt", help="COCO ground truth json (images, annotations, categories)")
+    parser.add_argument("dets", help="COCO results json: a list of "
+                                     "{image_id, category_id, bbox, score}")
+    parser.add_argument("--json", action="store_true", help="print one JSON object of the 12 stats")
+    args = parser.parse_args(argv)
+    try:
+        stats = evaluate_coco_files(args.gt, args.dets)
+    except EvalError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    text = json.dumps(stats) if args.json else "\n".join(summary_lines(stats))
+    sys.stdout.write(text + "\n")
+    return 0
