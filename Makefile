@@ -28,13 +28,18 @@ demo: install
 run: demo
 	VISIONLENS_DATA=$(DATA) $(VENV)/bin/streamlit run streamlit_app.py --server.port $(PORT)
 
-# Debian's chromium drives the browser tests (no browser download at test time).
+# Debian's chromium drives the browser tests (no browser download at test time);
+# poppler-utils turns the PDF scorecard into text and PNG; DejaVu renders chart text.
+SYSTEM_TOOLS := chromium pdftoppm
+SYSTEM_PACKAGES := chromium poppler-utils fonts-dejavu-core
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@missing=0; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing=1; done; \
+	[ -d /usr/share/fonts/truetype/dejavu ] || missing=1; \
+	if [ $$missing = 1 ]; then \
 	  if command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-	      || echo "chromium could not be installed: browser tests will be skipped"; \
-	  else echo "no apt-get: browser tests will be skipped"; fi; }
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null) \
+	      || echo "system packages could not be installed: browser and PDF image tests will be skipped"; \
+	  else echo "no apt-get: browser and PDF image tests will be skipped"; fi; fi
 
 # pytest exits 5 when it collects nothing; that is not a failure of the suite.
 test: install browser
