@@ -139,8 +139,13 @@ def predict_detector(model: torch.nn.Module, uris: Sequence[str], image_ids: Seq
     for part in _batches(len(uris), batch_size):
         x = image_tensor(uris[part], input_size).to(dev)
         outputs = model(x)
-        for image_id, out in zip(image_ids[part], outputs):
+        for uri, image_id, out in zip(uris[part], image_ids[part], outputs):
             boxes = out["boxes"].float().cpu().numpy().reshape(-1, 4)
+            if input_size is not None:
+                # The model saw a resized image: boxes go back to the file's pixels.
+                with Image.open(uri) as im:
+                    width, height = im.size
+                boxes = boxes * np.array([width / input_size[1], height / input_size[0]] * 2)
             frames.append(pd.DataFrame({
                 "image_id": np.full(len(boxes), image_id, np.int32),
                 "class_id": out["labels"].cpu().numpy().astype(np.int32),
