@@ -22,6 +22,8 @@ COMMANDS = {
     "slices": ("core.slices", "slices_main", "ranked error slices"),
     "compare": ("core.compare", "compare_main", "compare a baseline and a candidate model"),
     "report": ("core.report", "report_main", "PDF scorecard"),
+    "label-quality": ("core.label_quality", "label_quality_main", "flag likely label errors from a model's predictions"),
+    "embeddings": ("core.embeddings", "embeddings_main", "2-D embedding map and near-duplicate pairs"),
 }
 
 
