@@ -141,13 +141,14 @@ def data_dir() -> Path:
 # --------------------------------------------------------------------------- writing
 
 
-def _as_arrow(frame: pd.DataFrame | pa.Table) -> pa.Table:
-    if isinstance(frame, pa.Table):
+def _as_arrow(frame: pd.DataFrame | pa.Table | pa.RecordBatchReader) -> pa.Table | pa.RecordBatchReader:
+    # A RecordBatchReader streams into DuckDB batch by batch: bases larger than memory.
+    if isinstance(frame, (pa.Table, pa.RecordBatchReader)):
         return frame
     return pa.Table.from_pandas(frame, preserve_index=False)
 
 
-def build_base(path: str | os.PathLike, tables: dict[str, pd.DataFrame | pa.Table],
+def build_base(path: str | os.PathLike, tables: dict[str, pd.DataFrame | pa.Table | pa.RecordBatchReader],
                meta: dict[str, object]) -> StorePaths:
     """Write a complete base into a temporary file and rename it over ``path``.
 

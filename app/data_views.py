@@ -1,0 +1,321 @@
+"""Data analysis charts: any two of metadata, labels, predictions and outcome, aggregated or point by point.
+
+Rows come from the cohort compiler's frame (``core.cohorts.cohort_rows``);
+aggregates are binned and counted here with numpy before anything reaches the
+browser, and individual points are a seeded random sample when the cohort is
+large, so a chart of a million images sends a few thousand marks. Only the
+small results are cached, never a cohort's full rows.
+"""
+
+from __future__ import annotations
+
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from core.cohorts import ColumnInfo, cohort_rows
+
+from .charts import OUTCOME_COLORS
+from .explorer import open_image
+from .state import View
+
+MAX_POINTS = 5_000  # individual datapoints drawn at most (a random sample beyond)
+MAX_CATEGORIES = 30  # categories shown on an axis; the rest are counted as "other"
+SAMPLE_SEED = 0
+COUNT = "count"  # the y choice "number of images"
+MODES = {"aggregate": "Aggregate", "points": "Individual datapoints"}
+_NONE = ""
+
+
+def axis_columns(view: View) -> dict[str, ColumnInfo]:
+    """Columns one can chart: metadata, labels, predictions and outcome (model columns need a model)."""
+    out = {}
+    for name, info in view.catalog.columns.items():
+        if name == "image_id" or info.values == "cast":
+            continue
+        if info.needs_model and view.model_id is None:
+            continue
+        out[name] = info
+    order = {"model": 0, "derived": 1, "user": 2, "auto": 3}
+    return dict(sorted(out.items(), key=lambda kv: (order.get(kv[1].source, 4), kv[1].label.lower())))
+
+
+def is_numeric(info: ColumnInfo) -> bool:
+    return info.values == "number" and info.kind != "categorical" and not info.is_list
+
+
+def _names(view: View, values: pd.Series, info: ColumnInfo) -> pd.Series:
+    """Class ids as class names, flags as yes/no, missing as "missing", everything else as text (vectorised)."""
+    missing = values.isna().to_numpy()
+    if info.values == "class":
+        names = np.asarray([*view.classes, "missing"], dtype=object)
+        ids = np.where(missing, len(view.classes), pd.to_numeric(values, errors="coerce").fillna(-1).to_numpy())
+        ids = ids.astype(np.int64)
+        ids[(ids < 0) | (ids > len(view.classes))] = len(view.classes)
+        return pd.Series(names[ids], index=values.index)
+    if info.values == "boolean":
+        flags = values.fillna(False).astype(bool).to_numpy()
+        return pd.Series(np.where(missing, "missing", np.where(flags, "yes", "no")), index=values.index)
+    return values.astype(object).where(~missing, "missing").astype(str)
+
+
+def _colour_scale(name: str, present: pd.Series) -> alt.Scale | alt.UndefinedType:
+    """Outcome and error keep the app's outcome colours; other columns get Altair's palette."""
+    palette = {"outcome": {"correct": "correct", "incorrect": "incorrect", "missing": "other"},
+               "error": {"no": "correct", "yes": "incorrect", "missing": "other"}}.get(name)
+    if palette is None:
+        return alt.Undefined
+    shown = [value for value in palette if value in set(present)]
+    return alt.Scale(domain=shown, range=[OUTCOME_COLORS[palette[v]] for v in shown])
+
+
+def _categories(values: pd.Series) -> pd.Series:
+    """At most ``MAX_CATEGORIES`` most frequent values kept; the rest become "other"."""
+    counts = values.value_counts()
+    if len(counts) <= MAX_CATEGORIES:
+        return values
+    keep = set(counts.index[:MAX_CATEGORIES - 1])
+    return values.where(values.isin(keep), "other")
+
+
+# --------------------------------------------------------------------------- aggregates
+
+
+def numeric_bins(values: np.ndarray, bins: int, log: bool) -> np.ndarray:
+    """Edges of ``bins`` equal-width bins (equal in log space when ``log`` and every value is positive)."""
+    finite = values[np.isfinite(values)]
+    if log and len(finite) and finite.min() > 0:
+        return np.geomspace(finite.min(), finite.max(), bins + 1) if finite.max() > finite.min() \
+            else np.array([finite.min(), finite.min() * 1.0001])
+    return np.histogram_bin_edges(finite, bins=bins) if len(finite) else np.array([0.0, 1.0])
+
+
+def aggregate(view: View, rows: pd.DataFrame, x: str, y: str, color: str, *, bins: int, log_x: bool) -> pd.DataFrame:
+    """Per x group (numeric bin or category), and per colour value: image count, or y's mean."""
+    infos = axis_columns(view)
+    frame = pd.DataFrame(index=rows.index)
+    x_info = infos[x]
+    if is_numeric(x_info):
+        values = rows[x].to_numpy(dtype=float)
+        edges = numeric_bins(values, bins, log_x)
+        index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
+        present = np.isfinite(values)
+        frame = frame.assign(x_start=np.where(present, edges[index], np.nan),
+                             x_end=np.where(present, edges[index + 1], np.nan))
+        frame = frame[present]
+        keys = ["x_start", "x_end"]
+    else:
+        values = rows[x].explode() if x_info.is_list else rows[x]
+        frame = pd.DataFrame({"x": _categories(_names(view, values, x_info))}, index=values.index)
+        keys = ["x"]
+    if color:
+        c_info = infos[color]
+        colour_values = rows[color].loc[frame.index].reset_index(drop=True)
+        colours = _categories(_names(view, colour_values, c_info)) if not is_numeric(c_info) else \
+            pd.cut(colour_values.astype(float), bins=min(bins, 6)).astype(str)
+        frame["color"] = colours.to_numpy()
+        keys.append("color")
+    if y == COUNT:
+        out = frame.groupby(keys, dropna=False, sort=True).size().rename("value").reset_index()
+    else:
+        frame["y"] = rows[y].loc[frame.index].astype(float).to_numpy()
+        grouped = frame.groupby(keys, dropna=False, sort=True)["y"]
+        out = grouped.mean().rename("value").reset_index().assign(images=grouped.size().to_numpy())
+    return out
+
+
+def aggregate_chart(view: View, table: pd.DataFrame, x: str, y: str, color: str, *, log_x: bool,
+                    log_y: bool) -> alt.Chart:
+    infos = axis_columns(view)
+    y_title = "Images" if y == COUNT else f"Mean {infos[y].label.lower()}"
+    y_scale = alt.Scale(type="symlog") if log_y else alt.Scale(zero=True)
+    colour = alt.Color("color:N", title=infos[color].label, legend=alt.Legend(orient="bottom"),
+                       scale=_colour_scale(color, table["color"])) if color else alt.value("#3154c8")
+    tooltip = [alt.Tooltip("value:Q", title=y_title, format=",.4~f")]
+    if color:
+        tooltip.append(alt.Tooltip("color:N", title=infos[color].label))
+    if "x_start" in table:
+        x_enc = alt.X("x_start:Q", title=infos[x].label, bin="binned",
+                      scale=alt.Scale(type="log") if log_x and table["x_start"].min() > 0 else alt.Scale(zero=False))
+        tooltip = [alt.Tooltip("x_start:Q", title="from", format=",.4~f"),
+                   alt.Tooltip("x_end:Q", title="to", format=",.4~f")] + tooltip
+        if y == COUNT or not color:
+            chart = alt.Chart(table).mark_bar(opacity=0.9).encode(x=x_enc, x2="x_end:Q",
+                                                                  y=alt.Y("value:Q", title=y_title, scale=y_scale,
+                                                                          stack=True if y == COUNT else None),
+                                                                  color=colour, tooltip=tooltip)
+        else:
+            table = table.assign(x_mid=(table["x_start"] + table["x_end"]) / 2)
+            chart = alt.Chart(table).mark_line(point=True).encode(
+                x=alt.X("x_mid:Q", title=infos[x].label), y=alt.Y("value:Q", title=y_title, scale=y_scale),
+                color=colour, tooltip=tooltip)
+    else:
+        order = list(dict.fromkeys(table.sort_values("x")["x"]))
+        tooltip = [alt.Tooltip("x:N", title=infos[x].label)] + tooltip
+        chart = alt.Chart(table).mark_bar(opacity=0.9).encode(
+            x=alt.X("x:N", title=infos[x].label, sort=order, axis=alt.Axis(labelAngle=-30, labelLimit=140)),
+            y=alt.Y("value:Q", title=y_title, scale=y_scale, stack=True if y == COUNT else None),
+            xOffset=alt.XOffset("color:N") if color and y != COUNT else alt.XOffset(),
+            color=colour, tooltip=tooltip)
+    return chart.properties(height=380)
+
+
+# --------------------------------------------------------------------------- points
+
+
+def sample_rows(rows: pd.DataFrame, limit: int = MAX_POINTS) -> pd.DataFrame:
+    """All rows, or a seeded uniform sample of ``limit`` of them."""
+    return rows if len(rows) <= limit else rows.sample(n=limit, random_state=SAMPLE_SEED).sort_index()
+
+
+def _dithered(values: pd.Series, rng: np.random.Generator) -> np.ndarray:
+    """Numbers moved by up to half their smallest step, so equal values spread into a visible cloud."""
+    numbers = values.to_numpy(dtype=float)
+    distinct = np.unique(numbers[np.isfinite(numbers)])
+    step = float(np.diff(distinct).min()) if len(distinct) > 1 else 1.0
+    return numbers + rng.uniform(-0.4, 0.4, len(numbers)) * step
+
+
+def points_chart(view: View, rows: pd.DataFrame, x: str, y: str, color: str, *, log_x: bool, log_y: bool,
+                 dither: bool) -> alt.Chart:
+    infos = axis_columns(view)
+    frame = pd.DataFrame({"image_id": rows["image_id"].to_numpy()})
+    rng = np.random.default_rng(SAMPLE_SEED)
+    encodings = {}
+    for axis, name, log in (("x", x, log_x), ("y", y, log_y)):
+        info = infos[name]
+        if is_numeric(info):
+            frame[axis] = _dithered(rows[name], rng) if dither else rows[name].to_numpy(dtype=float)
+            positive = bool((frame[axis].dropna() > 0).all())
+            scale = alt.Scale(type="log") if log and positive else alt.Scale(zero=False)
+            encodings[axis] = (alt.X if axis == "x" else alt.Y)(f"{axis}:Q", title=info.label, scale=scale)
+        else:
+            frame[axis] = _categories(_names(view, rows[name], info)).to_numpy()
+            order = sorted(frame[axis].unique().tolist())
+            encodings[axis] = (alt.X if axis == "x" else alt.Y)(f"{axis}:N", title=info.label, sort=order)
+            if dither:
+                frame[f"{axis}_jitter"] = rng.uniform(-0.4, 0.4, len(frame))
+                encodings[f"{axis}Offset"] = (alt.XOffset if axis == "x" else alt.YOffset)(
+                    f"{axis}_jitter:Q", scale=alt.Scale(domain=[-0.5, 0.5]))
+    tooltip = [alt.Tooltip("image_id:Q", title="Image", format="d"),
+               alt.Tooltip("x:N" if not is_numeric(infos[x]) else "x:Q", title=infos[x].label),
+               alt.Tooltip("y:N" if not is_numeric(infos[y]) else "y:Q", title=infos[y].label)]
+    if color:
+        info = infos[color]
+        if is_numeric(info):
+            frame["color"] = rows[color].to_numpy(dtype=float)
+            encodings["color"] = alt.Color("color:Q", title=info.label, scale=alt.Scale(scheme="viridis"))
+        else:
+            frame["color"] = _categories(_names(view, rows[color], info)).to_numpy()
+            encodings["color"] = alt.Color("color:N", title=info.label, scale=_colour_scale(color, frame["color"]))
+        tooltip.append(alt.Tooltip("color:" + ("Q" if is_numeric(info) else "N"), title=info.label))
+    click = alt.selection_point(name="point", fields=["image_id"], on="click", empty=False)
+    return alt.Chart(frame).mark_circle(size=36, opacity=0.7).encode(
+        **encodings, tooltip=tooltip).add_params(click).properties(height=420)
+
+
+# --------------------------------------------------------------------------- cached data
+
+
+def _rows(view: View, columns: list[str]) -> pd.DataFrame:
+    return cohort_rows(view.store, view.cohort, view.model_id, columns=columns, order_by="image_id",
+                       state=view.state, catalog=view.catalog, **view.thresholds)
+
+
+def _key(view: View) -> tuple:
+    sql, params = view.selection()
+    return view.store_key, sql, tuple(map(str, params)), view.model_id, tuple(sorted(view.thresholds.items()))
+
+
+@st.cache_data(show_spinner="Aggregating…", max_entries=64)
+def _aggregated(_view: View, key: tuple, x: str, y: str, color: str, bins: int, log_x: bool
+                ) -> tuple[pd.DataFrame, int]:
+    # Only the small aggregate is cached: the cohort's rows are read, counted and dropped.
+    rows = _rows(_view, list(dict.fromkeys(["image_id", x, *([y] if y != COUNT else []), *([color] if color else [])])))
+    return aggregate(_view, rows, x, y, color, bins=bins, log_x=log_x), len(rows)
+
+
+@st.cache_data(show_spinner="Sampling…", max_entries=64)
+def _sampled(_view: View, key: tuple, columns: tuple[str, ...]) -> tuple[pd.DataFrame, int]:
+    rows = _rows(_view, list(columns))
+    return sample_rows(rows), len(rows)
+
+
+# --------------------------------------------------------------------------- the view
+
+
+def chart_view(view: View) -> None:
+    infos = axis_columns(view)
+    names = list(infos)
+    label = lambda n: {COUNT: "Number of images", _NONE: "—"}.get(n) or infos[n].label  # noqa: E731
+    mode = st.segmented_control("Chart", list(MODES), format_func=MODES.get, default="aggregate", required=True,
+                                key="vl_da_mode")
+    cols = st.columns(3)
+    if mode == "aggregate":
+        x = cols[0].selectbox("X axis", names, key=f"vl_da_x_agg_{view.store.name}", format_func=label,
+                              index=names.index(_first(view, infos)))
+        y_choices = [COUNT] + [n for n in names if is_numeric(infos[n])]
+    else:
+        x_choices = [n for n in names if not infos[n].is_list]
+        x = cols[0].selectbox("X axis", x_choices, key=f"vl_da_x_pts_{view.store.name}", format_func=label,
+                              index=x_choices.index(_first(view, infos, numeric=True)))
+        y_choices = [n for n in x_choices if n != x]
+    y = cols[1].selectbox("Y axis", y_choices, key=f"vl_da_y_{mode}_{view.store.name}", format_func=label,
+                          index=_second(view, infos, y_choices, x))
+    colour_choices = [_NONE] + [n for n in names if n not in (x, y) and not infos[n].is_list]
+    default_colour = colour_choices.index("outcome") if "outcome" in colour_choices else 0
+    color = cols[2].selectbox("Colour by", colour_choices, key=f"vl_da_color_{mode}_{view.store.name}",
+                              format_func=label, index=default_colour)
+    with st.container(horizontal=True, vertical_alignment="center", gap="medium"):
+        bins = st.slider("Bins", 2, 60, 20, key="vl_da_bins", width=260) if mode == "aggregate" else 0
+        log_x = st.toggle("Log scale X", key="vl_da_log_x")
+        log_y = st.toggle("Log scale Y", key="vl_da_log_y")
+        dither = st.toggle("Dither", key="vl_da_dither", value=True,
+                           help="Spread points that share a value, so overlaps show") if mode == "points" else False
+    if mode == "aggregate":
+        table, total = _aggregated(view, _key(view), x, y, color, bins, log_x)
+        if not total:
+            st.info("The cohort holds no images.")
+            return
+        st.altair_chart(aggregate_chart(view, table, x, y, color, log_x=log_x, log_y=log_y), width="stretch")
+        st.caption(f"{total:,} images, " + ("counted" if y == COUNT else f"mean {label(y).lower()}")
+                   + (f" per bin of {label(x).lower()}" if is_numeric(infos[x]) else f" per {label(x).lower()}")
+                   + (f", split by {label(color).lower()}." if color else "."))
+        return
+    shown, total = _sampled(view, _key(view), tuple(dict.fromkeys(["image_id", x, y, *([color] if color else [])])))
+    if not total:
+        st.info("The cohort holds no images.")
+        return
+    event = st.altair_chart(points_chart(view, shown, x, y, color, log_x=log_x, log_y=log_y, dither=dither),
+                            key="vl_da_points", on_select="rerun", selection_mode="point", width="stretch")
+    sampled = len(shown) < total
+    st.caption((f"A random sample of **{len(shown):,}** of {total:,} images is drawn. " if sampled
+                else f"All {total:,} images. ")
+               + ("Dithered: points are moved a little so equal values spread out. " if dither else "")
+               + "Click a point to open the image.")
+    points = (event.selection.get("point") if event is not None and event.selection else None) or []
+    if points and points[0].get("image_id") is not None and \
+            points[0]["image_id"] != st.session_state.get("_vl_da_click"):
+        st.session_state["_vl_da_click"] = points[0]["image_id"]
+        open_image(int(points[0]["image_id"]))
+        st.rerun()
+
+
+def _first(view: View, infos: dict[str, ColumnInfo], numeric: bool = False) -> str:
+    """A sensible first x axis: brightness if there, else the first numeric (or any) column."""
+    for name in ("brightness", "score"):
+        if name in infos:
+            return name
+    for name, info in infos.items():
+        if is_numeric(info) or not numeric and not info.is_list:
+            return name
+    return next(iter(infos))
+
+
+def _second(view: View, infos: dict[str, ColumnInfo], choices: list[str], x: str) -> int:
+    for name in (COUNT, "score", "contrast", "sharpness"):
+        if name in choices and name != x:
+            return choices.index(name)
+    return 0

@@ -1,0 +1,276 @@
+"""The image flyout: one image large, its labels and prediction, boxes, explanation, metadata.
+
+Opened by the URL (``image=<id>``), so a copied URL opens the same image;
+closing it removes the parameter. It is a right-hand drawer (``st.dialog``);
+its own widgets rerun only the drawer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from PIL import Image
+
+from core import heatmap
+from core.cohorts import Cohort, Filter
+from core.explain import available_explanations, load_explanation
+from core.metrics.detection import image_objects
+
+from . import urlsync
+from .charts import bars_height, probability_bars, probability_frame
+from .state import View, claim_dialog
+
+# How many targets "compute" explains: the top class for multiclass, the three most
+# probable labels / highest-scored detections otherwise (a few seconds on a CPU).
+EXPLAIN_TOP_K = {"multiclass": 1, "multilabel": 3, "detection": 3}
+BOX_STATUSES = {"tp": "correct (TP)", "fp": "wrong (FP)", "fn": "missed (FN)", "gt": "matched ground truth",
+                "ignored": "ignored (crowd / beyond 100)"}
+_IGNORED_COLOR = "#9aa3b5"
+# Small images are enlarged to about this longest side before boxes and captions are
+# drawn, so a 32-px image still shows readable labels.
+DISPLAY_SIDE = 640
+
+
+def show(view: View) -> None:
+    """Open the flyout when the URL names an image. Call it last on a page."""
+    if view.settings.image is None or not claim_dialog():
+        return
+    image_id = int(view.settings.image)
+    record = view.query('SELECT * FROM "images" WHERE image_id = ?', [image_id])
+    title = f"Image {image_id} · {Path(str(record['uri'].iloc[0])).name}" if len(record) else f"Image {image_id}"
+    st.dialog(title, width="large", position="right", on_dismiss=_close)(_flyout)(view, image_id, record)
+
+
+def _close() -> None:
+    urlsync.update({"image": None})
+
+
+def _flyout(view: View, image_id: int, record: pd.DataFrame) -> None:
+    if record.empty:
+        st.error(f"Image {image_id} is not in this store.")
+        return
+    row = record.iloc[0]
+    picture, facts = st.columns([3, 2], gap="medium")
+    with facts:
+        objects = _prediction(view, image_id)
+    with picture:
+        _picture(view, image_id, str(row["uri"]), objects)
+    st.markdown("##### Metadata")
+    _metadata(view, row)
+
+
+# --------------------------------------------------------------------------- the picture
+
+
+def _load(view: View, image_id: int, uri: str) -> Image.Image:
+    try:
+        with Image.open(uri) as image:
+            return image.convert("RGB")
+    except OSError:
+        st.warning(f"The image file `{uri}` cannot be read; showing its thumbnail.", icon=":material/broken_image:")
+        jpeg = view.thumbnails([image_id]).get(image_id)
+        return Image.open(io.BytesIO(jpeg)).convert("RGB")
+
+
+def _picture(view: View, image_id: int, uri: str, objects: pd.DataFrame | None) -> None:
+    image = _load(view, image_id, uri)
+    explained = _explanation_choice(view, image_id)
+    if explained is not None:
+        method, target, data, signed = explained
+        image = heatmap.overlay(image, data, signed=signed, cmap="RdBu_r" if signed else "inferno")
+    factor = max(1, DISPLAY_SIDE // max(image.size))
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    if objects is not None and len(objects):
+        shown = st.pills("Boxes", list(BOX_STATUSES), default=["tp", "fp", "fn"], selection_mode="multi",
+                         format_func=BOX_STATUSES.get, key=f"vl_fly_boxes_{image_id}")
+        boxes = _boxes_to_draw(view, objects, set(shown or ()))
+        boxes[["xmin", "ymin", "xmax", "ymax"]] *= factor
+        image = heatmap.draw_boxes(image, boxes)
+    st.image(image, width="stretch")
+    if explained is None:
+        _compute_explanation(view, image_id)
+
+
+def _boxes_to_draw(view: View, objects: pd.DataFrame, shown: set[str]) -> pd.DataFrame:
+    kind_status = objects["kind"] + ":" + objects["status"]
+    wanted = {"det:tp": "tp", "det:fp": "fp", "gt:fn": "fn", "gt:tp": "gt", "det:ignored": "ignored",
+              "gt:ignored": "ignored"}
+    key = kind_status.map(wanted)
+    boxes = objects[key.isin(shown)].copy()
+    boxes["status"] = key[key.isin(shown)]
+    boxes["label"] = [view.class_name(int(c)) for c in boxes["class_id"]]
+    boxes["color"] = np.where(boxes["status"] == "ignored", _IGNORED_COLOR, None)
+    boxes.loc[boxes["status"] == "ignored", "status"] = "gt"
+    return boxes
+
+
+# --------------------------------------------------------------------------- labels and prediction
+
+
+def _frame_row(view: View, image_id: int) -> pd.Series:
+    frame = view.rows(Cohort((Filter("image_id", "eq", image_id),)))
+    return frame.iloc[0]
+
+
+def _names(view: View, ids) -> str:
+    ids = [] if ids is None else list(ids)
+    return ", ".join(view.class_name(int(i)) for i in ids) or "none"
+
+
+def _prediction(view: View, image_id: int) -> pd.DataFrame | None:
+    """Draw the truth and the prediction; for detection return the image's boxes with outcomes."""
+    row = _frame_row(view, image_id)
+    if view.model_id is None:
+        st.markdown(f"**True:** {_names(view, np.atleast_1d(row['true_label']))}")
+        st.caption("No model predictions in this store.")
+        return None
+    outcome = row.get("outcome")
+    badge = {"correct": ":green-badge[correct]", "incorrect": ":red-badge[incorrect]"}.get(outcome, ":gray-badge[no prediction]")
+    st.markdown(f"**Model** `{view.model_id}` · {badge}")
+    if view.task == "detection":
+        return _detections(view, image_id)
+    probs = view.query('SELECT probs FROM "predictions" WHERE model_id = ? AND image_id = ?',
+                       [view.model_id, image_id]) if "probs" in view.store.table_columns("predictions") else pd.DataFrame()
+    probs_value = probs["probs"].iloc[0] if len(probs) else None
+    if view.task == "multiclass":
+        truth = [int(row["true_label"])] if pd.notna(row["true_label"]) else []
+        predicted = [int(row["pred_label"])] if pd.notna(row["pred_label"]) else []
+        st.markdown(f"**True:** {_names(view, truth)}  \n**Predicted:** {_names(view, predicted)}"
+                    + (f" ({row['score']:.3f})" if pd.notna(row.get("score")) else ""))
+        threshold = None
+    else:
+        truth = list(row["true_label"]) if row["true_label"] is not None else []
+        predicted = list(row["pred_label"]) if row["pred_label"] is not None else []
+        st.markdown(f"**True:** {_names(view, truth)}  \n**Predicted** (≥ {view.label_threshold:.2f}): "
+                    f"{_names(view, predicted)}")
+        threshold = view.label_threshold
+    if probs_value is not None:
+        frame = probability_frame(probs_value, view.classes, truth=truth, predicted=predicted)
+        st.altair_chart(probability_bars(frame, threshold=threshold), width="stretch",
+                        height=bars_height(len(frame)))
+    return None
+
+
+def _detections(view: View, image_id: int) -> pd.DataFrame:
+    objects = image_objects(view.store, view.model_id, image_id, view.iou, view.score_threshold)
+    counted = objects[objects["status"] != "ignored"]
+    n_tp = int(((counted["kind"] == "det") & (counted["status"] == "tp")).sum())
+    n_fp = int((counted["status"] == "fp").sum())
+    n_fn = int((counted["status"] == "fn").sum())
+    st.markdown(f":green-badge[{n_tp} correct] :orange-badge[{n_fp} wrong] :blue-badge[{n_fn} missed] "
+                f"at IoU {view.iou:.2f}, score ≥ {view.score_threshold:.2f}")
+    table = pd.DataFrame({
+        "Box": objects["kind"].map({"det": "detection", "gt": "ground truth"}) + " " + objects["id"].astype(str),
+        "Class": [view.class_name(int(c)) for c in objects["class_id"]],
+        "Outcome": (objects["kind"] + ":" + objects["status"]).map(
+            {"det:tp": "TP", "det:fp": "FP", "gt:fn": "FN", "gt:tp": "matched", "det:ignored": "ignored",
+             "gt:ignored": "crowd"}),
+        "Score": objects["score"],
+        "IoU": objects["iou"],
+    })
+    st.dataframe(table, hide_index=True, width="stretch", height=min(400, 38 + 35 * len(table)),
+                 column_config={"Score": st.column_config.NumberColumn(format="%.3f"),
+                                "IoU": st.column_config.NumberColumn(format="%.3f")})
+    return objects
+
+
+# --------------------------------------------------------------------------- explanations
+
+
+def _target_label(view: View, target: int, objects_by_det: dict[int, str] | None) -> str:
+    if view.task == "detection":
+        return objects_by_det.get(target, f"detection {target}") if objects_by_det else f"detection {target}"
+    return view.class_name(target)
+
+
+def _explanation_choice(view: View, image_id: int) -> tuple[str, int, np.ndarray, bool] | None:
+    if view.model_id is None:
+        return None
+    stored = available_explanations(view.store, view.model_id, image_id)
+    if stored.empty:
+        return None
+    det_names = None
+    if view.task == "detection":
+        dets = view.query('SELECT det_id, class_id, score FROM "det_boxes" WHERE model_id = ? AND image_id = ?',
+                          [view.model_id, image_id])
+        det_names = {int(d): f"{view.class_name(int(c))} {s:.2f} (detection {int(d)})"
+                     for d, c, s in dets.itertuples(index=False)}
+    options = [None] + list(range(len(stored)))
+    choice = st.selectbox(
+        "Explanation", options, index=1, key=f"vl_fly_expl_{image_id}",
+        format_func=lambda i: "none (plain image)" if i is None else
+        f"{stored['method'].iloc[i]} · {_target_label(view, int(stored['target'].iloc[i]), det_names)}")
+    if choice is None:
+        return None
+    method, target = str(stored["method"].iloc[choice]), int(stored["target"].iloc[choice])
+    data = load_explanation(view.store, view.model_id, image_id, method, target)
+    if data is None:
+        return None
+    from core.explain.methods import METHODS  # imports captum and shap: only when a map is shown
+
+    signed = METHODS[method].signed if method in METHODS else bool(data.min() < 0)
+    return method, target, data, signed
+
+
+def _compute_explanation(view: View, image_id: int) -> None:
+    if view.model_id is None:
+        return
+    st.caption("No explanation stored for this image and model.")
+    if not view.model_params().get("loader"):
+        st.caption("This model was stored from a predictions file, so it cannot be re-run here; "
+                   "compute explanations where the model is available with `visionlens precompute`.")
+        return
+    asked = f"vl_fly_explain_{image_id}"
+    if not st.session_state.get(asked):
+        # The methods import captum and shap (seconds): only once the user asks.
+        st.button("Compute an explanation…", icon=":material/auto_awesome:", key=f"vl_fly_ask_{image_id}",
+                  on_click=st.session_state.__setitem__, args=(asked, True))
+        return
+    from core.explain.methods import METHODS
+
+    fits = [name for name, method in METHODS.items() if view.task in method.tasks]
+    cols = st.columns([2, 1], vertical_alignment="bottom")
+    method = cols[0].selectbox("Method", fits, key=f"vl_fly_method_{image_id}")
+    if cols[1].button("Compute", icon=":material/play_arrow:", key=f"vl_fly_compute_{image_id}"):
+        from core.explain.precompute import precompute
+
+        progress = st.progress(0.0, text=f"Computing {method}…")
+        try:
+            written = precompute(view.store.paths.base, [method], model_id=view.model_id, image_ids=[image_id],
+                                 targets="pred", top_k=EXPLAIN_TOP_K[view.task],
+                                 progress=lambda done, total: progress.progress(done / max(total, 1)))
+        except Exception as error:  # noqa: BLE001 - the user's own model code runs here and may raise anything
+            progress.empty()
+            st.error(f"Could not compute {method} for image {image_id}: {error}")
+            return
+        progress.empty()
+        view.store.refresh()
+        st.toast(f"Stored {written} explanation map(s).")
+        st.rerun()
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _metadata(view: View, row: pd.Series) -> None:
+    labels = {name: info.label for name, info in view.catalog.columns.items()}
+
+    def text(name: str, value: object) -> str:
+        if name == "true_label":
+            ids = np.atleast_1d(value) if value is not None else []
+            return _names(view, ids)
+        if isinstance(value, (list, tuple, np.ndarray)):
+            return json.dumps([v.item() if hasattr(v, "item") else v for v in value])
+        if isinstance(value, float):
+            return f"{value:.6g}"
+        return "" if value is None or (not isinstance(value, str) and pd.isna(value)) else str(value)
+
+    table = pd.DataFrame({"Field": [labels.get(n, n) for n in row.index],
+                          "Value": [text(n, v) for n, v in row.items()]})
+    st.dataframe(table, hide_index=True, width="stretch")

@@ -1,0 +1,787 @@
+"""Demo stores built offline from scikit-learn's digits (``load_digits``, 1797 8×8 bitmaps).
+
+``build_demos(out_dir)`` writes ``demo-multiclass``, ``demo-multilabel`` and
+``demo-detection``: scenes composed from upscaled digits under nuisance
+factors that really move accuracy, so error analysis and fairness views find
+slices with a cause one can name:
+
+- ``site`` (lab, office, warehouse, outdoor): background colours, gradients,
+  lighting and clutter. The warehouse is dim; outdoor backgrounds are
+  colourful with strong gradients.
+- ``camera`` (dslr, phone, webcam): the phone blurs, the webcam is noisy.
+- ``digit_size`` (px): small digits keep less detail after blur and noise.
+- ``clutter`` (stray strokes) and ``occluded`` (a patch over part of a digit).
+
+Half of the digit bitmaps of each class are held out for the stored (test)
+images; models train on scenes made from the other half. Two models per task,
+``baseline`` and ``candidate``, are trained on the CPU in seconds, saved as
+``<out>/<store>.models/<model_id>.pt`` and re-runnable through
+``core.models.load_model`` (loader ``core.demo:load_demo_model``). The stored
+predictions are made by ``core.models`` from the written PNG files, exactly as
+the app would re-run them. In the multiclass store 2 % of the labels are
+flipped on purpose; meta ``injected_label_errors`` lists their image ids.
+
+Everything is seeded: the same arguments give the same stores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.ops import box_iou
+
+from .demo_models import N_DIGITS, DigitDetector, build_demo_model, load_demo_model
+from .errors import IngestError
+from .ingest.build import Dataset, ModelRun, build_store
+from .models import predict_classifier, predict_detector
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_demos", "demo_main", "load_demo_model", "TASKS", "CLASS_NAMES"]
+
+Progress = Callable[[str, int, int], None]
+
+TASKS = ("multiclass", "multilabel", "detection")
+CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+SITES = ("lab", "office", "warehouse", "outdoor")
+CAMERAS = ("dslr", "phone", "webcam")
+LABEL_ERROR_RATE = 0.02
+RENDER_CHUNK = 256  # scenes rendered together (bounds memory)
+
+
+# --------------------------------------------------------------------------- digits
+
+
+@dataclass(frozen=True)
+class Glyphs:
+    """Digit bitmaps (N, 8, 8) in [0, 1] and their labels (N,)."""
+
+    bitmaps: np.ndarray
+    labels: np.ndarray
+
+
+def digit_glyphs(seed: int) -> tuple[Glyphs, Glyphs]:
+    """scikit-learn's digits split in half per class: (train, test); no bitmap in both."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    bitmaps = (digits.images / 16.0).astype(np.float32)
+    labels = digits.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), dtype=bool)
+    for digit in range(N_DIGITS):
+        members = rng.permutation(np.flatnonzero(labels == digit))
+        test[members[: len(members) // 2]] = True
+    return Glyphs(bitmaps[~test], labels[~test]), Glyphs(bitmaps[test], labels[test])
+
+
+# --------------------------------------------------------------------------- conditions
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    weight: float
+    gain: tuple[float, float]  # illumination multiplier
+    background: tuple[float, float]  # background grey level
+    saturation: float  # how far background colours stray from grey
+    gradient: float  # strength of the lighting gradient across the scene
+    clutter: float  # mean number of stray strokes
+
+
+@dataclass(frozen=True)
+class CameraProfile:
+    weight: float
+    blur: tuple[float, float]  # gaussian sigma, px
+    noise: tuple[float, float]  # gaussian sigma, in [0, 1] intensity units
+
+
+SITE_PROFILES = {
+    "lab": SiteProfile(0.43, (0.8, 1.05), (0.75, 0.95), 0.04, 0.05, 0.2),
+    "office": SiteProfile(0.25, (0.55, 1.0), (0.6, 0.9), 0.12, 0.15, 0.6),
+    "warehouse": SiteProfile(0.12, (0.12, 0.45), (0.5, 0.8), 0.08, 0.2, 1.2),
+    "outdoor": SiteProfile(0.2, (0.75, 1.15), (0.45, 0.85), 0.3, 0.35, 0.8),
+}
+CAMERA_PROFILES = {
+    "dslr": CameraProfile(0.7, (0.0, 0.5), (0.004, 0.02)),
+    "phone": CameraProfile(0.15, (1.0, 2.0), (0.01, 0.03)),
+    "webcam": CameraProfile(0.15, (0.3, 0.8), (0.06, 0.12)),
+}
+# Baseline models train under good light only (the cameras are the same).
+WELL_LIT = (0.8, 1.05)
+OCCLUSION_RATE = 0.06
+SMALL_DIGIT_RATE = 0.12
+# In low light the camera raises its gain, and its noise with it.
+LOW_LIGHT_NOISE = 2.5
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """Per-scene nuisance factors; every array has one entry per scene."""
+
+    site: np.ndarray  # index into SITES
+    camera: np.ndarray  # index into CAMERAS
+    gain: np.ndarray
+    blur: np.ndarray
+    noise: np.ndarray
+    clutter: np.ndarray  # number of stray strokes
+    occluded: np.ndarray  # bool: a patch covers part of one digit
+    background: np.ndarray  # (n, 3) colour
+    gradient: np.ndarray  # (n, 2) lighting slope along x and y
+    ink: np.ndarray  # (n, 3) digit colour
+    stroke: np.ndarray  # (n, 3) clutter colour
+    patch: np.ndarray  # (n, 3) occluder colour
+
+
+def _uniform(rng: np.random.Generator, bounds: np.ndarray) -> np.ndarray:
+    """One draw per row of ``bounds`` (n, 2) = (low, high)."""
+    return bounds[:, 0] + rng.random(len(bounds)) * (bounds[:, 1] - bounds[:, 0])
+
+
+def sample_conditions(rng: np.random.Generator, n: int, *, well_lit: bool = False) -> Conditions:
+    """Nuisance factors of ``n`` scenes (with ``well_lit``, no site is dim)."""
+    sites = [SITE_PROFILES[s] for s in SITES]
+    cameras = [CAMERA_PROFILES[c] for c in CAMERAS]
+
+    def table(profiles: list, field: str) -> np.ndarray:
+        return np.array([getattr(p, field) for p in profiles], dtype=np.float64)
+
+    site_weight, camera_weight = table(sites, "weight"), table(cameras, "weight")
+    site = rng.choice(len(SITES), n, p=site_weight / site_weight.sum())
+    camera = rng.choice(len(CAMERAS), n, p=camera_weight / camera_weight.sum())
+    gain = _uniform(rng, np.array([WELL_LIT] * n) if well_lit else table(sites, "gain")[site])
+    blur = _uniform(rng, table(cameras, "blur")[camera])
+    noise = _uniform(rng, table(cameras, "noise")[camera])
+    noise *= 1 + LOW_LIGHT_NOISE * np.clip(1 - gain, 0, 1)
+    clutter = np.minimum(rng.poisson(table(sites, "clutter")[site]), 4)
+    occluded = rng.random(n) < OCCLUSION_RATE
+    grey = _uniform(rng, table(sites, "background")[site])
+    tint = rng.normal(0, 1, (n, 3)) * table(sites, "saturation")[site, None]
+    background = np.clip(grey[:, None] + tint, 0.2, 1.0)
+    gradient = rng.normal(0, 1, (n, 2)) * table(sites, "gradient")[site, None]
+    # Dark ink of any hue: at least 0.35 below the background's luminance.
+    ink = np.clip(background.mean(axis=1, keepdims=True) - 0.35 - 0.3 * rng.random((n, 1))
+                  + rng.normal(0, 0.08, (n, 3)), 0.0, 1.0)
+    stroke = np.clip(ink + rng.normal(0, 0.15, (n, 3)), 0.0, 1.0)
+    patch = rng.uniform(0.2, 0.9, (n, 3))
+    return Conditions(site, camera, gain, blur, noise, clutter, occluded, background, gradient,
+                      ink, stroke, patch)
+
+
+# --------------------------------------------------------------------------- layout and rendering
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Digit instances: scene index, glyph index, box (x0, y0, w, h) in px; sorted by scene."""
+
+    scene: np.ndarray
+    glyph: np.ndarray
+    box: np.ndarray  # (K, 4) x0, y0, w, h
+    crowd: np.ndarray  # (K,) -1, or the id of the crowd group the instance belongs to
+
+
+@dataclass(frozen=True)
+class Scenes:
+    """Rendered scenes and per-instance ground truth."""
+
+    images: np.ndarray  # (n, S, S, 3) uint8
+    layout: Layout
+    gt_boxes: np.ndarray  # (K, 4) xyxy px, tight around each instance's ink
+
+
+def _interpolation(start: torch.Tensor, extent: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear weights (K, size, 8) from 8 glyph cells onto ``size`` canvas pixels, the glyph
+    spanning [start, start + extent); zero outside (like grid_sample with zero padding)."""
+    centre = torch.arange(size, dtype=torch.float32) + 0.5
+    q = (centre.view(1, -1) - start.view(-1, 1)) / extent.view(-1, 1) * 8 - 0.5
+    cells = torch.arange(8, dtype=torch.float32)
+    return (1 - (q.unsqueeze(2) - cells).abs()).clamp_(min=0)
+
+
+def _glyph_ink(glyphs: np.ndarray, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Each glyph drawn into its box on an empty ``size``² canvas: (K, size, size) in [0, 1]."""
+    x0, y0, w, h = boxes.unbind(1)
+    # Bilinear upscaling is separable: rows then columns, as two small batched matmuls.
+    sampled = _interpolation(y0, h, size) @ torch.from_numpy(glyphs) @ _interpolation(x0, w, size).transpose(1, 2)
+    # Sharpen the upscaled bitmap into strokes with soft edges.
+    return sampled.sub_(0.25).div_(0.35).clamp_(0, 1)
+
+
+def _stroke_ink(rng: np.random.Generator, counts: np.ndarray, size: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Stray line segments: (owner scene of each stroke, (M, size, size) ink)."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    m = len(owner)
+    start = rng.uniform(0, size, (m, 2))
+    angle = rng.uniform(0, np.pi, m)
+    length = rng.uniform(0.2, 0.6, m) * size
+    end = start + length[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+    width = rng.uniform(1.0, 2.5, m) * max(1.0, size / 64)
+    p = torch.arange(size, dtype=torch.float32) + 0.5
+    px, py = p.view(1, 1, size), p.view(1, size, 1)
+    a = torch.from_numpy(start).float()
+    d = torch.from_numpy(end - start).float()
+    ax, ay = a[:, 0].view(m, 1, 1), a[:, 1].view(m, 1, 1)
+    dx, dy = d[:, 0].view(m, 1, 1), d[:, 1].view(m, 1, 1)
+    t = (((px - ax) * dx + (py - ay) * dy) / (dx * dx + dy * dy)).clamp(0, 1)
+    dist = torch.hypot(px - ax - t * dx, py - ay - t * dy)
+    half = torch.from_numpy(width / 2).float().view(m, 1, 1)
+    return owner, (half + 0.5 - dist).clamp_(0, 1)
+
+
+def _per_scene_max(values: torch.Tensor, owner: np.ndarray, n: int) -> torch.Tensor:
+    """Max over the maps (M, S, S) that belong to each of ``n`` scenes: (n, S, S)."""
+    size = values.shape[-1]
+    out = torch.zeros(n, size * size)
+    if len(owner):
+        index = torch.from_numpy(owner).view(-1, 1).expand(-1, size * size)
+        out.scatter_reduce_(0, index, values.reshape(len(owner), -1), reduce="amax")
+    return out.view(n, size, size)
+
+
+def _tight_boxes(ink: torch.Tensor) -> torch.Tensor:
+    """xyxy pixel-edge boxes around where each map (K, S, S) reaches half its maximum."""
+    size = ink.shape[-1]
+    on = ink >= 0.5 * ink.amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
+    rows, cols = on.any(dim=2), on.any(dim=1)
+    y0 = rows.float().argmax(dim=1)
+    y1 = size - rows.flip(1).float().argmax(dim=1)
+    x0 = cols.float().argmax(dim=1)
+    x1 = size - cols.flip(1).float().argmax(dim=1)
+    return torch.stack([x0, y0, x1, y1], dim=1).float()
+
+
+def _blur(images: torch.Tensor, sigma: np.ndarray) -> torch.Tensor:
+    """Gaussian blur with one sigma per image (separable, depthwise), in place: (n, 3, S, S).
+
+    Images are grouped by kernel radius so sharp images pay for small kernels only."""
+    radius = np.ceil(3 * sigma).astype(np.int64)
+    for r in np.unique(radius[radius > 0]):
+        which = torch.from_numpy(np.flatnonzero(radius == r))
+        group = images[which]
+        n, c, h, w = group.shape
+        offsets = torch.arange(-r, r + 1, dtype=torch.float32)
+        s = torch.from_numpy(sigma[which.numpy()]).float().view(-1, 1)
+        kernel = torch.exp(-0.5 * (offsets / s) ** 2)
+        kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
+        flat = F.pad(group.reshape(1, n * c, h, w), (r, r, r, r), mode="replicate")
+        flat = F.conv2d(flat, kernel.view(n * c, 1, 1, -1), groups=n * c)
+        flat = F.conv2d(flat, kernel.view(n * c, 1, -1, 1), groups=n * c)
+        images[which] = flat.view(n, c, h, w)
+    return images
+
+
+def _patch_masks(boxes: np.ndarray, side: np.ndarray, depth: np.ndarray, size: int) -> torch.Tensor:
+    """Occluding patches (n, size, size): a band over one side (top, bottom, left, right)
+    of each box, ``depth`` of its height or width deep, 1 px wider than the box."""
+    x0, y0, x1, y1 = (boxes[:, i].copy() for i in range(4))
+    cut_y, cut_x = (y1 - y0) * depth, (x1 - x0) * depth
+    y1 = np.where(side == 0, y0 + cut_y, y1)
+    y0 = np.where(side == 1, y1 - cut_y, y0)
+    x1 = np.where(side == 2, x0 + cut_x, x1)
+    x0 = np.where(side == 3, x1 - cut_x, x0)
+    centre = torch.arange(size, dtype=torch.float32).view(1, -1) + 0.5
+
+    def within(lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
+        return (centre >= torch.from_numpy(lo - 1).float().view(-1, 1)) & \
+            (centre <= torch.from_numpy(hi + 1).float().view(-1, 1))
+
+    return within(y0, y1).unsqueeze(2) & within(x0, x1).unsqueeze(1)
+
+
+def render(glyphs: Glyphs, layout: Layout, cond: Conditions, size: int, rng: np.random.Generator,
+           occlusion_target: np.ndarray) -> Scenes:
+    """Compose scenes: background, clutter, digits, occluding patch, light, blur, noise, uint8.
+
+    ``occlusion_target`` (n,) names the instance each occluded scene's patch covers.
+    """
+    n = len(cond.gain)
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    gt_boxes = np.empty((len(layout.scene), 4), dtype=np.float32)
+    noise_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size - 0.5
+    side = rng.integers(0, 4, n)
+    depth = rng.uniform(0.15, 0.3, n)
+    for lo in range(0, n, RENDER_CHUNK):
+        hi = min(n, lo + RENDER_CHUNK)
+        m = hi - lo
+        first, last = np.searchsorted(layout.scene, [lo, hi])
+        boxes = torch.from_numpy(layout.box[first:last]).float()
+        ink = _glyph_ink(glyphs.bitmaps[layout.glyph[first:last]], boxes, size)
+        gt_boxes[first:last] = _tight_boxes(ink).numpy()
+        digit = _per_scene_max(ink, layout.scene[first:last] - lo, m).unsqueeze(1)
+        del ink
+        owner, strokes = _stroke_ink(rng, cond.clutter[lo:hi], size)
+        clutter = _per_scene_max(strokes, owner, m).unsqueeze(1)
+        target = gt_boxes[np.maximum(occlusion_target[lo:hi], 0)]
+        patch = _patch_masks(target, side[lo:hi], depth[lo:hi], size).unsqueeze(1)
+        patch &= torch.from_numpy(cond.occluded[lo:hi]).view(m, 1, 1, 1)
+        # Light is linear, so the gain scales every colour before compositing.
+        gain = torch.from_numpy(cond.gain[lo:hi]).float().view(m, 1, 1, 1)
+
+        def colour(values: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(values[lo:hi]).float().view(m, 3, 1, 1) * gain
+
+        slope = torch.from_numpy(cond.gradient[lo:hi]).float()
+        light = slope[:, 0].view(m, 1, 1, 1) * coords.view(1, 1, 1, size) \
+            + slope[:, 1].view(m, 1, 1, 1) * coords.view(1, 1, size, 1)
+        img = (torch.from_numpy(cond.background[lo:hi]).float().view(m, 3, 1, 1) + light).clamp_(0, 1).mul_(gain)
+        img.lerp_(colour(cond.stroke), clutter)
+        img.lerp_(colour(cond.ink), digit)
+        img.lerp_(colour(cond.patch), patch.float())
+        _blur(img, cond.blur[lo:hi])
+        noise = torch.randn(img.shape, generator=noise_gen)
+        img.add_(noise.mul_(torch.from_numpy(cond.noise[lo:hi]).float().view(m, 1, 1, 1)))
+        img.mul_(255).add_(0.5).clamp_(0, 255)
+        images[lo:hi] = img.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return Scenes(images, layout, gt_boxes)
+
+
+def _glyph_choice(rng: np.random.Generator, glyphs: Glyphs, k: int) -> np.ndarray:
+    return rng.integers(0, len(glyphs.labels), k)
+
+
+def single_digit_layout(rng: np.random.Generator, glyphs: Glyphs, n: int, size: int) -> Layout:
+    """One digit per scene near the centre, like a crop around an object: mostly 45-85 % of
+    the canvas tall, some small (30-45 %)."""
+    small = rng.random(n) < SMALL_DIGIT_RATE
+    h = np.where(small, rng.uniform(0.3, 0.45, n), rng.uniform(0.45, 0.85, n)) * size
+    w = h * rng.uniform(0.7, 0.95, n)
+    x0 = (0.5 + rng.uniform(-0.2, 0.2, n)) * (size - w)
+    y0 = (0.5 + rng.uniform(-0.2, 0.2, n)) * (size - h)
+    return Layout(np.arange(n), _glyph_choice(rng, glyphs, n), np.stack([x0, y0, w, h], 1),
+                  np.full(n, -1))
+
+
+def quadrant_layout(rng: np.random.Generator, glyphs: Glyphs, n: int, size: int,
+                    max_digits: int = 3) -> Layout:
+    """1..max_digits digits per scene, each in its own quadrant (no overlap)."""
+    counts = rng.integers(1, max_digits + 1, n)
+    scene = np.repeat(np.arange(n), counts)
+    k = len(scene)
+    # The j-th digit of a scene takes the j-th quadrant of a random order of the four.
+    order = np.argsort(rng.random((n, 4)), axis=1)
+    slot = np.arange(k) - np.repeat(np.cumsum(counts) - counts, counts)
+    quadrant = order[scene, slot]
+    half = size / 2
+    h = rng.uniform(0.4, 0.95, k) * half
+    w = h * rng.uniform(0.7, 0.95, k)
+    x0 = (quadrant % 2) * half + rng.uniform(0, 1, k) * (half - w)
+    y0 = (quadrant // 2) * half + rng.uniform(0, 1, k) * (half - h)
+    return Layout(scene, _glyph_choice(rng, glyphs, k), np.stack([x0, y0, w, h], 1), np.full(k, -1))
+
+
+CROWD_RATE = 0.05
+
+
+def detection_layout(rng: np.random.Generator, glyphs: Glyphs, n: int, size: int) -> Layout:
+    """1..5 digits per scene at random places (they may overlap), sizes from tiny to large;
+    a few scenes also hold a crowd: a row of tiny copies of one digit."""
+    counts = rng.choice(np.arange(1, 6), n, p=[0.15, 0.25, 0.25, 0.2, 0.15])
+    scene = np.repeat(np.arange(n), counts)
+    k = len(scene)
+    band = rng.choice(3, k, p=[0.2, 0.55, 0.25])
+    lows, highs = np.array([7.0, 14.0, 30.0]), np.array([12.0, 28.0, 46.0])
+    h = rng.uniform(lows[band], highs[band])
+    w = h * rng.uniform(0.7, 0.95, k)
+    x0 = rng.uniform(0, 1, k) * (size - w)
+    y0 = rng.uniform(0, 1, k) * (size - h)
+    glyph = _glyph_choice(rng, glyphs, k)
+    crowd = np.full(k, -1)
+    # Crowds: 4..7 copies of one glyph, 6..9 px tall, side by side.
+    crowded = np.flatnonzero(rng.random(n) < CROWD_RATE)
+    copies = rng.integers(4, 8, len(crowded))
+    c_scene = np.repeat(crowded, copies)
+    c_slot = np.arange(len(c_scene)) - np.repeat(np.cumsum(copies) - copies, copies)
+    c_h = np.repeat(rng.uniform(6, 9, len(crowded)), copies)
+    c_w = c_h * 0.8
+    row_w = np.repeat(copies, copies) * c_w * 1.1
+    c_x0 = np.repeat(rng.uniform(0, 1, len(crowded)), copies) * (size - row_w) + c_slot * c_w * 1.1
+    c_y0 = np.repeat(rng.uniform(0, 1, len(crowded)), copies) * (size - c_h)
+    c_glyph = np.repeat(_glyph_choice(rng, glyphs, len(crowded)), copies)
+    scene = np.concatenate([scene, c_scene])
+    order = np.argsort(scene, kind="stable")
+    box = np.concatenate([np.stack([x0, y0, w, h], 1), np.stack([c_x0, c_y0, c_w, c_h], 1)])
+    glyph = np.concatenate([glyph, c_glyph])
+    crowd = np.concatenate([crowd, np.repeat(np.arange(len(crowded)), copies)])
+    return Layout(scene[order], glyph[order], box[order], crowd[order])
+
+
+def occlusion_targets(rng: np.random.Generator, layout: Layout, n: int) -> np.ndarray:
+    """For each scene, one of its non-crowd instances (the one a patch may cover)."""
+    plain = np.flatnonzero(layout.crowd < 0)
+    counts = np.bincount(layout.scene[plain], minlength=n)
+    first = np.searchsorted(layout.scene[plain], np.arange(n))
+    pick = first + (rng.random(n) * counts).astype(np.int64)
+    return np.where(counts > 0, plain[np.minimum(pick, len(plain) - 1)], -1)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _as_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (n, H, W, 3) → uint8 (n, 3, H, W); converted to float per batch like core.models."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+Loss = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def class_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+def panel_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each of the 2×2 panels (y: (B, 2, 2), 10 = empty)."""
+    return F.cross_entropy(model.panel_logits(x), y)
+
+
+def train_classifier(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
+                     loss: Loss, epochs: int, seed: int, batch_size: int = 64,
+                     lr: float = 1e-2) -> torch.nn.Module:
+    """Adam with a one-cycle schedule; ``inputs`` uint8 (n, 3, H, W) or float in [0, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    n = len(inputs)
+    steps = epochs * -(-n // batch_size)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    # channels_last: oneDNN's faster convolution layout on CPU (about a third less time).
+    model.to(memory_format=torch.channels_last).train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            x = inputs[idx]
+            x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
+            value = loss(model, x.contiguous(memory_format=torch.channels_last), targets[idx])
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            schedule.step()
+    return model.to(memory_format=torch.contiguous_format).eval()
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How one model of a task is trained."""
+
+    well_lit: bool  # trained without dim scenes
+    epochs: int
+
+
+PLANS = {
+    "multiclass": {"baseline": TrainingPlan(True, 6), "candidate": TrainingPlan(False, 8)},
+    "multilabel": {"baseline": TrainingPlan(True, 5), "candidate": TrainingPlan(False, 6)},
+    "detection": {"baseline": TrainingPlan(True, 3), "candidate": TrainingPlan(False, 4)},
+}
+MODEL_NAMES = {"baseline": "Baseline CNN", "candidate": "Candidate CNN"}
+SIZES = {"multiclass": 48, "multilabel": 64, "detection": 96}
+# Relative build time of each task (for scheduling only).
+TASK_WORK = {"multiclass": 1.0, "multilabel": 1.2, "detection": 1.6}
+
+
+def _multi_hot(layout: Layout, glyphs: Glyphs, n: int) -> np.ndarray:
+    y = np.zeros((n, N_DIGITS), dtype=np.float32)
+    y[layout.scene, glyphs.labels[layout.glyph]] = 1.0
+    return y
+
+
+def _detector_crops(detector: DigitDetector, scenes: Scenes, glyphs: Glyphs,
+                    rng: np.random.Generator, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classifier training crops from the detector's own proposals on training scenes.
+
+    A proposal with IoU >= 0.5 to a digit takes its class, below 0.3 to all digits it is
+    background (class 10), between it is left out; jittered ground-truth boxes add positives.
+    """
+    layout = scenes.layout
+    plain = layout.crowd < 0
+    labels = glyphs.labels[layout.glyph]
+    n = len(scenes.images)
+    crops, targets = [], []
+    with torch.inference_mode():
+        for lo in range(0, n, batch):
+            hi = min(n, lo + batch)
+            x = _as_tensor(scenes.images[lo:hi]).float().div_(255.0)
+            boxes, image_index = detector.propose(x)
+            first, last = np.searchsorted(layout.scene, [lo, hi])
+            keep = plain[first:last]
+            gt = torch.from_numpy(scenes.gt_boxes[first:last][keep])
+            gt_scene = torch.from_numpy(layout.scene[first:last][keep] - lo)
+            gt_label = torch.from_numpy(labels[first:last][keep])
+            iou = box_iou(boxes, gt) * (image_index.view(-1, 1) == gt_scene.view(1, -1))
+            best, which = iou.max(dim=1) if len(gt) else (torch.zeros(len(boxes)), torch.zeros(len(boxes), dtype=torch.int64))
+            cls = torch.where(best >= 0.5, gt_label[which], torch.full_like(which, N_DIGITS))
+            usable = (best >= 0.5) | (best < 0.3)
+            size = (gt[:, 2:] - gt[:, :2]).repeat(1, 2)
+            jitter = torch.from_numpy(rng.uniform(-0.1, 0.1, tuple(gt.shape))).float() * size
+            all_boxes = torch.cat([boxes[usable], gt + jitter])
+            all_index = torch.cat([image_index[usable], gt_scene])
+            crops.append(detector.crops(x, all_boxes, all_index))
+            targets.append(torch.cat([cls[usable], gt_label]))
+    return torch.cat(crops), torch.cat(targets)
+
+
+def train_model(task: str, model_id: str, train_glyphs: Glyphs, rng: np.random.Generator,
+                n_train: int, seed: int) -> torch.nn.Module:
+    """Render this model's training scenes and train it."""
+    plan = PLANS[task][model_id]
+    size = SIZES[task]
+    model = build_demo_model(f"{task}-{model_id}")
+    cond = sample_conditions(rng, n_train, well_lit=plan.well_lit)
+    layout = LAYOUTS[task](rng, train_glyphs, n_train, size)
+    scenes = render(train_glyphs, layout, cond, size, rng, occlusion_targets(rng, layout, n_train))
+    if task == "detection":
+        crops, targets = _detector_crops(model, scenes, train_glyphs, rng)
+        train_classifier(model.classifier, crops, targets, loss=class_loss, epochs=plan.epochs, seed=seed)
+        return model.eval()
+    inputs = _as_tensor(scenes.images)
+    if task == "multiclass":
+        return train_classifier(model, inputs, torch.from_numpy(train_glyphs.labels[layout.glyph]),
+                                loss=class_loss, epochs=plan.epochs, seed=seed)
+    return train_classifier(model, inputs, torch.from_numpy(_panel_targets(layout, train_glyphs, n_train, size)),
+                            loss=panel_loss, epochs=plan.epochs, seed=seed)
+
+
+def _panel_targets(layout: Layout, glyphs: Glyphs, n: int, size: int) -> np.ndarray:
+    """(n, 2, 2) digit in each panel of a quadrant layout, 10 where the panel is empty."""
+    targets = np.full((n, 2, 2), N_DIGITS, dtype=np.int64)
+    centre = layout.box[:, :2] + layout.box[:, 2:] / 2
+    col, row = (centre >= size / 2).astype(np.int64).T
+    targets[layout.scene, row, col] = glyphs.labels[layout.glyph]
+    return targets
+
+
+LAYOUTS = {"multiclass": single_digit_layout, "multilabel": quadrant_layout, "detection": detection_layout}
+
+
+# --------------------------------------------------------------------------- store
+
+
+def _write_pngs(images: np.ndarray, folder: Path) -> list[str]:
+    """One PNG per scene (lossless, so models see exactly these pixels); absolute paths."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    paths = [str((folder / f"{i:06d}.png").resolve()) for i in range(len(images))]
+
+    def save(i: int) -> None:
+        Image.fromarray(images[i]).save(paths[i], compress_level=1)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(save, range(len(images))))
+    return paths
+
+
+def _image_table(task: str, scenes: Scenes, cond: Conditions, glyphs: Glyphs, uris: list[str]) -> pd.DataFrame:
+    layout = scenes.layout
+    n = len(uris)
+    plain = layout.crowd < 0
+    heights = scenes.gt_boxes[:, 3] - scenes.gt_boxes[:, 1]
+    smallest = np.full(n, np.inf)
+    np.minimum.at(smallest, layout.scene[plain], heights[plain])
+    frame = pd.DataFrame({"image_id": np.arange(n, dtype=np.int32), "uri": uris})
+    labels = glyphs.labels[layout.glyph]
+    if task == "multiclass":
+        frame["true_label"] = labels.astype(np.int32)
+    elif task == "multilabel":
+        multi_hot = _multi_hot(layout, glyphs, n)
+        frame["true_label"] = [np.flatnonzero(row).astype(np.int32) for row in multi_hot]
+    else:
+        frame["true_label"] = [np.zeros(0, np.int32)] * n  # build_store derives it from gt_boxes
+    frame["site"] = np.array(SITES)[cond.site]
+    frame["camera"] = np.array(CAMERAS)[cond.camera]
+    frame["digit_size" if task == "multiclass" else "smallest_digit"] = smallest.astype(np.int32)
+    if task != "multiclass":
+        frame["digits"] = np.bincount(layout.scene[plain], minlength=n).astype(np.int32)
+    frame["clutter"] = cond.clutter.astype(np.int32)
+    occluded = cond.occluded.copy()
+    if task == "detection":
+        frame["crowd"] = np.bincount(layout.scene[~plain], minlength=n) > 0
+        occluded |= _overlapping_scenes(scenes.gt_boxes[plain], layout.scene[plain], n)
+    frame["occluded"] = occluded
+    return frame
+
+
+def _overlapping_scenes(boxes: np.ndarray, scene: np.ndarray, n: int, min_cover: float = 0.1) -> np.ndarray:
+    """Scenes where some digit's box covers at least ``min_cover`` of another's."""
+    counts = np.bincount(scene, minlength=n)
+    slots = int(counts.max(initial=0))
+    grid = np.zeros((n, slots, 4), dtype=np.float32)
+    slot = np.arange(len(scene)) - np.repeat(np.cumsum(counts) - counts, counts)
+    grid[scene, slot] = boxes
+    lo = np.maximum(grid[:, :, None, :2], grid[:, None, :, :2])
+    hi = np.minimum(grid[:, :, None, 2:], grid[:, None, :, 2:])
+    inter = np.clip(hi - lo, 0, None).prod(axis=3)
+    area = (grid[:, :, 2:] - grid[:, :, :2]).prod(axis=2)
+    cover = inter / np.maximum(area[:, :, None], 1e-6)
+    cover[:, np.arange(slots), np.arange(slots)] = 0
+    return (cover >= min_cover).any(axis=(1, 2))
+
+
+def _gt_frame(scenes: Scenes, glyphs: Glyphs) -> pd.DataFrame:
+    """Ground-truth boxes; each crowd becomes one iscrowd box around its copies."""
+    layout = scenes.layout
+    frame = pd.DataFrame(scenes.gt_boxes.astype(np.float64), columns=["xmin", "ymin", "xmax", "ymax"])
+    frame["image_id"] = layout.scene.astype(np.int32)
+    frame["class_id"] = glyphs.labels[layout.glyph].astype(np.int32)
+    frame["group"] = np.where(layout.crowd >= 0, layout.crowd, -1 - np.arange(len(frame)))
+    boxes = frame.groupby("group", sort=False).agg(
+        image_id=("image_id", "first"), class_id=("class_id", "first"), xmin=("xmin", "min"),
+        ymin=("ymin", "min"), xmax=("xmax", "max"), ymax=("ymax", "max"))
+    boxes["iscrowd"] = boxes.index >= 0
+    boxes = boxes.sort_values(["image_id", "iscrowd"], kind="stable").reset_index(drop=True)
+    boxes.insert(1, "gt_id", np.arange(len(boxes), dtype=np.int32))
+    boxes["area"] = (boxes["xmax"] - boxes["xmin"]) * (boxes["ymax"] - boxes["ymin"])
+    return boxes
+
+
+def build_task(task: str, out_dir: Path, n_images: int, seed: int, *, n_train: int | None = None,
+               progress: Progress | None = None) -> Path:
+    """Build one demo store; returns the path of its base file."""
+    if task not in TASKS:
+        raise IngestError(f"unknown demo task {task!r}", field="task", choices=list(TASKS))
+
+    def step(stage: str, done: int = 0, total: int = 1) -> None:
+        if progress:
+            progress(f"{task}: {stage}", done, total)
+
+    name = f"demo-{task}"
+    task_seed = seed * 1000 + TASKS.index(task)
+    rng = np.random.default_rng(task_seed)
+    train_glyphs, test_glyphs = digit_glyphs(seed)
+    n_train = n_train or TRAIN_SCENES[task]
+    size = SIZES[task]
+
+    step("rendering scenes")
+    cond = sample_conditions(rng, n_images)
+    layout = LAYOUTS[task](rng, test_glyphs, n_images, size)
+    scenes = render(test_glyphs, layout, cond, size, rng, occlusion_targets(rng, layout, n_images))
+    uris = _write_pngs(scenes.images, out_dir / f"{name}.images")
+    images = _image_table(task, scenes, cond, test_glyphs, uris)
+    extra_meta: dict = {"demo_seed": seed}
+    if task == "multiclass":
+        flipped = np.sort(rng.choice(n_images, int(round(LABEL_ERROR_RATE * n_images)), replace=False))
+        shift = rng.integers(1, N_DIGITS, len(flipped))
+        images.loc[flipped, "true_label"] = ((images.loc[flipped, "true_label"] + shift) % N_DIGITS).astype(np.int32)
+        extra_meta["injected_label_errors"] = [int(i) for i in flipped]
+    gt_boxes = _gt_frame(scenes, test_glyphs) if task == "detection" else None
+
+    models_dir = out_dir / f"{name}.models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for i, model_id in enumerate(("baseline", "candidate")):
+        step(f"training {model_id}", i, 2)
+        model = train_model(task, model_id, train_glyphs, np.random.default_rng([task_seed, i]),
+                            n_train, seed=task_seed * 10 + i)
+        path = (models_dir / f"{model_id}.pt").resolve()
+        torch.save(model.state_dict(), path)
+        kind = f"{task}-{model_id}"
+        params = {"loader": "core.demo:load_demo_model", "kwargs": {"path": str(path), "kind": kind},
+                  "input_size": [size, size], "task": task}
+        step(f"predicting {model_id}", i, 2)
+        ids = images["image_id"].to_numpy()
+        if task == "detection":
+            dets = predict_detector(model, uris, ids, input_size=(size, size), device="cpu")
+            runs.append(ModelRun(model_id, MODEL_NAMES[model_id], params, det_boxes=dets))
+        else:
+            preds = predict_classifier(model, uris, ids, task=task, input_size=(size, size), device="cpu")
+            runs.append(ModelRun(model_id, MODEL_NAMES[model_id], params, predictions=preds))
+
+    dataset = Dataset(name, task, CLASS_NAMES, images, gt_boxes, extra_meta=extra_meta)
+    store_path = out_dir / name
+    build_store(store_path, dataset, runs,
+                progress=lambda stage, done, total: step(stage, done, total))
+    return out_dir / f"{name}.duckdb"
+
+
+# Training scenes per model (whatever the store's size): what the time budget affords.
+TRAIN_SCENES = {"multiclass": 3000, "multilabel": 1600, "detection": 800}
+
+
+def _build_in_worker(task: str, out_dir: str, n_images: int, seed: int, n_train: int | None,
+                     queue) -> Path:
+    """One task in a worker process, reporting progress through ``queue``."""
+    torch.set_num_threads(1)
+    return build_task(task, Path(out_dir), n_images, seed, n_train=n_train,
+                      progress=lambda stage, done, total: queue.put((stage, done, total)))
+
+
+def build_demos(out_dir: str | Path, tasks: Sequence[str] = TASKS, n_images: int = 2000, seed: int = 0,
+                progress: Progress | None = None, *, n_train: int | None = None,
+                workers: int | None = None) -> dict[str, Path]:
+    """Build the demo stores into ``out_dir``: task → path of the store's base file.
+
+    Tasks run in parallel worker processes (``workers``, default one per CPU core up to one
+    per task), each torch-single-threaded: small convolutions gain little from a second
+    thread, and torch's threads slow to a crawl when other programs hold the cores, while
+    processes do not. The results are the same either way.
+    """
+    if n_images < 10:
+        raise IngestError(f"a demo needs at least 10 images, got {n_images}", field="images")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise IngestError(f"unknown demo task {unknown[0]!r}", field="task", choices=list(TASKS))
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    # Largest first, so the longest task starts at once.
+    tasks = sorted(dict.fromkeys(tasks), key=TASK_WORK.get, reverse=True)
+    workers = min(workers or os.cpu_count() or 1, len(tasks))
+    if workers <= 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return {task: build_task(task, out, n_images, seed, n_train=n_train, progress=progress)
+                    for task in tasks}
+        finally:
+            torch.set_num_threads(threads)
+    context = multiprocessing.get_context("spawn")  # fork is unsafe once torch has threads
+    with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
+        queue = manager.Queue()
+        futures = {task: pool.submit(_build_in_worker, task, str(out), n_images, seed, n_train, queue)
+                   for task in tasks}
+        pending = set(futures.values())
+        while pending:
+            _, pending = wait(pending, timeout=0.2)
+            while not queue.empty():
+                stage, done, total = queue.get()
+                if progress:
+                    progress(stage, done, total)
+        return {task: future.result() for task, future in futures.items()}
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """``visionlens demo [--task T|all] [--images N] [--out DIR]``."""
+    parser = argparse.ArgumentParser(prog="visionlens demo", description="build the demo stores")
+    parser.add_argument("--task", choices=[*TASKS, "all"], default="all")
+    parser.add_argument("--images", type=int, default=2000, help="images per store (default 2000)")
+    parser.add_argument("--out", default="data", help="folder for the stores (default data/)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    tasks = TASKS if args.task == "all" else (args.task,)
+    started = time.perf_counter()
+    last = [""]
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage != last[0]:
+            print(f"[{time.perf_counter() - started:5.1f}s] {stage}", flush=True)
+            last[0] = stage
+
+    built = build_demos(args.out, tasks, args.images, args.seed, progress=report)
+    for task, path in built.items():
+        print(f"{task}: {path}")
+    print(f"built {len(built)} demo store(s) of {args.images} images in {time.perf_counter() - started:.1f}s")
+    return 0

@@ -1,0 +1,22 @@
+"""VisionLens app entry point: load the URL's view, draw the shell, route to the page.
+
+Run with ``streamlit run streamlit_app.py`` (``make run``). Pages live in
+``pages/``; the helpers they use are documented in ``app/__init__.py``.
+"""
+
+import streamlit as st
+
+from app import cohort_bar, nav, state
+
+st.set_page_config(page_title="VisionLens", page_icon=nav.app_icon(), layout="wide")
+
+loaded = state.load_view()
+try:
+    page = nav.navigation(loaded.view)
+    nav.sidebar(loaded)
+    nav.show_problems(loaded)
+    if loaded.view is not None:
+        cohort_bar.render(loaded.view)
+    page.run()
+finally:
+    state.end_run()

@@ -1,0 +1,1 @@
+"""Browser tests and the small stores they (and the AppTests) use."""

@@ -1,0 +1,221 @@
+"""The app shell under AppTest: URL parsing, fallbacks, canonical URLs, live thresholds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core.cohorts import catalog_of, cohort_count, parse_query
+from core.state import StateDB
+from core.store import Store
+from e2e.harness import APP, open_app, served_navigation
+from e2e.stores import build_all
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("stores")
+    build_all(folder)
+    return folder
+
+
+@pytest.fixture
+def app(stores, monkeypatch):
+    """``app(query, page)`` runs the app as a server that has served a page before."""
+    monkeypatch.setenv("VISIONLENS_DATA", str(stores))
+    with served_navigation():
+        yield open_app
+
+
+@pytest.fixture
+def first_run_app(stores, monkeypatch):
+    """``app(query, page)`` as the first run of a fresh server process."""
+    monkeypatch.setenv("VISIONLENS_DATA", str(stores))
+    return open_app
+
+
+def errors(at: AppTest) -> list[str]:
+    return [e.value for e in at.error]
+
+
+def dialog_titles(at: AppTest) -> list[str]:
+    """Titles of the dialogs open after the run (they live in the event block)."""
+    events = [block for block in at._tree.children.values() if getattr(block, "type", "") == "event"]
+    return [child.proto.dialog.title for block in events for child in block.children.values()
+            if getattr(child, "type", "") == "dialog"]
+
+
+def bar_count(at: AppTest) -> str:
+    """The cohort bar's "N of M images" line."""
+    lines = [m.value for m in at.markdown if " images" in m.value and " of " in m.value]
+    assert lines, [m.value for m in at.markdown]
+    return lines[0]
+
+
+def expected_count(stores: Path, name: str, query: str) -> int:
+    store = Store(stores / name)
+    catalog = catalog_of(store)
+    parsed = parse_query(query, catalog)
+    model = parsed.view.model or catalog.models[0]
+    return cohort_count(store, parsed.cohort, model, state=StateDB.for_store(store.paths.base),
+                        **parsed.view.thresholds(catalog))
+
+
+def test_no_store_explains_how_to_build_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISIONLENS_DATA", str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception
+    assert any("visionlens demo" in m.value for m in at.markdown)
+    assert any("No dataset" in i.value for i in at.info)
+
+
+def test_default_store_and_model_are_written_into_the_url(app):
+    at = app()
+    assert at.query_params == {"store": "demo-multiclass", "model": "baseline"}
+    assert bar_count(at).startswith("**40** of 40 images")
+
+
+@pytest.mark.parametrize("query, words", [
+    ("brightness__lt=abc", ["brightness__lt", "not a number"]),
+    ("bogus__eq=1", ["unknown column 'bogus'"]),
+    ("site__between=3", ["between"]),
+    ("true_label__in=cat,horse", ["'horse' is not a class"]),
+    ("cohort=999", ["no saved cohort #999"]),
+])
+def test_bad_cohort_in_url_is_shown_and_falls_back_to_all_images(app, query, words):
+    at = app(query + "&store=demo-multiclass")
+    shown = " ".join(errors(at))
+    for word in words:
+        assert word in shown
+    assert any("Showing all images" in i.value for i in at.info)
+    assert bar_count(at).startswith("**40** of 40 images")
+    # The URL now says what is shown: the bad part is gone.
+    assert at.query_params == {"store": "demo-multiclass", "model": "baseline"}
+
+
+def test_unknown_store_falls_back_to_a_demo_store(app):
+    at = app("store=nope&site__eq=north")
+    assert any("no store 'nope'" in e for e in errors(at))
+    assert at.query_params["store"] == "demo-multiclass"
+
+
+def test_unknown_model_falls_back_to_the_first(app):
+    at = app("store=demo-multilabel&model=ghost")
+    assert any("unknown model 'ghost'" in e for e in errors(at))
+    assert at.query_params["model"] == "baseline"
+
+
+def test_valid_filters_are_kept_in_canonical_order(stores, app):
+    query = "site__in=south,north&outcome__eq=incorrect&store=demo-multiclass"
+    at = app(query)
+    assert errors(at) == []
+    count = expected_count(stores, "demo-multiclass", query)
+    assert bar_count(at).startswith(f"**{count}** of 40 images")
+    assert list(at.query_params) == ["outcome__eq", "site__in", "store", "model"]
+    assert at.query_params["site__in"] == "north,south"
+
+
+def test_detection_iou_must_be_a_stored_threshold(app):
+    at = app("store=demo-detection&iou=0.53")
+    assert any("0.53" in e and "0.55" in e for e in errors(at))
+    assert "iou" not in at.query_params
+    at = app("store=demo-detection&iou=0.75")
+    assert errors(at) == []
+    assert at.sidebar.select_slider(key="vl_iou").value == 0.75
+    assert at.query_params["iou"] == "0.75"
+
+
+def test_moving_the_iou_slider_updates_url_and_outcomes(stores, app):
+    at = app("store=demo-detection&outcome__eq=incorrect")
+    before = bar_count(at)
+    at.sidebar.select_slider(key="vl_iou").set_value(0.9).run()
+    assert at.query_params["iou"] == "0.9"
+    count = expected_count(stores, "demo-detection", "outcome__eq=incorrect&iou=0.9")
+    assert bar_count(at).startswith(f"**{count}** of 30 images")
+    assert count > int(before.split("**")[1])  # stricter matching makes more images wrong
+
+
+def test_label_threshold_is_live_for_multilabel(stores, app):
+    at = app("store=demo-multilabel&outcome__eq=correct")
+    at.sidebar.slider(key="vl_thr").set_value(0.8).run()
+    assert at.query_params["thr"] == "0.8"
+    count = expected_count(stores, "demo-multilabel", "outcome__eq=correct&thr=0.8")
+    assert bar_count(at).startswith(f"**{count}** of 40 images")
+
+
+def test_model_picker_writes_the_url_and_keeps_the_cohort(app):
+    at = app("store=demo-multiclass&site__eq=north")
+    at.sidebar.selectbox(key="vl_model").select("candidate").run()
+    assert at.query_params["model"] == "candidate"
+    assert at.query_params["site__eq"] == "north"
+
+
+def test_store_picker_starts_a_fresh_view(app):
+    at = app("store=demo-multiclass&site__eq=north")
+    at.sidebar.selectbox(key="vl_store").select("demo-detection").run()
+    assert at.query_params == {"store": "demo-detection", "model": "baseline"}
+
+
+def test_a_page_opened_alone_still_gets_the_shell(first_run_app):
+    # With a pages/ folder Streamlit first runs /explorer as that file alone; the
+    # page must rerun through the entry point and find the URL's cohort.
+    at = first_run_app("store=demo-multiclass&site__eq=south", page="pages/explorer.py")
+    assert at.selectbox(key="vl_cohort") is not None
+    assert any("Site is 'south'" in m.value for m in at.markdown)
+
+
+def test_saved_cohort_opens_from_its_id_and_can_be_refined(stores, app):
+    state = StateDB.for_store(stores / "demo-multiclass.duckdb")
+    catalog = catalog_of(Store(stores / "demo-multiclass"))
+    saved = state.create_cohort("north only", parse_query("site__eq=north", catalog).cohort)
+    at = app(f"store=demo-multiclass&cohort={saved.id}")
+    assert at.selectbox(key="vl_cohort").value == saved.id
+    north = expected_count(stores, "demo-multiclass", f"cohort={saved.id}")
+    assert bar_count(at).startswith(f"**{north}** of 40")
+    at = app(f"store=demo-multiclass&cohort={saved.id}&outcome__eq=incorrect")
+    refined = expected_count(stores, "demo-multiclass", f"cohort={saved.id}&outcome__eq=incorrect")
+    assert bar_count(at).startswith(f"**{refined}** of 40")
+    assert "unsaved filters" in bar_count(at)
+
+
+def test_image_param_opens_the_flyout_and_bad_ids_are_refused(app):
+    at = app("store=demo-multiclass&image=3", page="pages/explorer.py")
+    assert dialog_titles(at) == ["Image 3 · img_0003.png"]
+    at = app("store=demo-multiclass&image=4000")
+    assert any("no image 4000" in e for e in errors(at))
+    assert "image" not in at.query_params
+
+
+@pytest.mark.parametrize("store", ["demo-multiclass", "demo-multilabel", "demo-detection"])
+@pytest.mark.parametrize("view", ["grid", "table", "classes"])
+def test_every_explorer_view_renders_for_every_task(app, store, view):
+    at = app(f"store={store}&view={view}&image=1", page="pages/explorer.py")
+    assert errors(at) == []
+    assert dialog_titles(at) == ["Image 1 · img_0001.png"]
+    assert any(m.value == "##### Metadata" for m in at.markdown)
+
+
+def page_link_queries(at: AppTest) -> list[str]:
+    return [e.proto.query_string for e in at.get("page_link")]
+
+
+def test_page_parameters_stay_on_their_page_and_links_carry_the_cohort(app):
+    at = app("store=demo-multiclass&site__eq=north&robustness.metric=accuracy&page=2")
+    assert errors(at) == []
+    assert at.query_params["robustness.metric"] == "accuracy"
+    links = page_link_queries(at)
+    assert links and all("site__eq=north" in q and "store=demo-multiclass" in q for q in links)
+    assert not any("robustness." in q or "page=" in q for q in links)
+
+
+def test_class_view_choices_live_in_the_url(app):
+    at = app("store=demo-multilabel&view=classes&explorer.labels=1,3&explorer.show=incorrect",
+             page="pages/explorer.py")
+    assert at.multiselect(key="vl_class_labels").value == [1, 3]
+    headers = [m.value for m in at.markdown if "examples" in m.value]
+    assert [h.split("**")[1] for h in headers] == ["tree", "person"]
+    assert all("(incorrect only)" in h for h in headers)
+    at.multiselect(key="vl_class_labels").select(2).run()
+    assert at.query_params["explorer.labels"] == "1,2,3"
