@@ -33,7 +33,8 @@ def test_overview_and_cohorts_pages(page, server):
     visit(page, server, "/?store=demo-detection")
     page.get_by_text("Where to next").wait_for()
     shot(page, "overview")
-    page.get_by_role("link", name="Cohorts").first.click()
+    page.get_by_role("link", name="Cohorts", exact=True).first.click()
+    page.wait_for_url("**/cohorts**", timeout=30_000)
     settle(page)
     assert "/cohorts" in page.url and query(page)["store"] == "demo-detection"
     shot(page, "cohorts")

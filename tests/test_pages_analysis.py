@@ -1,0 +1,205 @@
+"""Model overview, error analysis and data analysis pages under AppTest, on each task.
+
+Numbers shown are checked against the engine (``core.metrics``, ``core.fairness``,
+``core.error_analysis``), and a picked tree node or heat-map cell is checked to
+become the URL's cohort with the node's image count.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from core.cohorts import Cohort, Filter, catalog_of, cohort_count, parse_query, to_query
+from core.error_analysis import ErrorTarget, TreeSettings, fit_error_tree, load_error_frame
+from core.fairness import cohort_group_metrics
+from core.metrics.classification import classification_metrics, multilabel_metrics
+from core.metrics.detection import detection_metrics
+from core.state import StateDB
+from core.store import Store
+from e2e.stores import build_all
+
+APP = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
+TASKS = ("multiclass", "multilabel", "detection")
+OVERVIEW, ERRORS, DATA = "pages/model_overview.py", "pages/error_analysis.py", "pages/data_analysis.py"
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("page-stores")
+    build_all(folder)
+    for task in TASKS:
+        StateDB.for_store(folder / f"demo-{task}.duckdb").create_cohort(
+            "North", Cohort((Filter("site", "eq", "north"),)))
+    return folder
+
+
+@pytest.fixture
+def app(stores, monkeypatch):
+    monkeypatch.setenv("VISIONLENS_DATA", str(stores))
+
+    def make(query: str, page: str) -> AppTest:
+        at = AppTest.from_file(APP, default_timeout=180)
+        at.query_params.update(dict(parse_qsl(query, keep_blank_values=True)))
+        at.run()
+        at.switch_page(page)
+        at.run()
+        assert not at.exception, [e.message for e in at.exception]
+        return at
+
+    return make
+
+
+SHOWN = 5e-5  # tables show four decimals
+
+
+def number(text: str) -> float:
+    return float(str(text).replace(",", ""))
+
+
+def table_with(at: AppTest, column: str) -> pd.DataFrame:
+    for frame in at.dataframe:
+        if column in frame.value.columns:
+            return frame.value
+    raise AssertionError(f"no table with column {column!r}: {[list(f.value.columns) for f in at.dataframe]}")
+
+
+def open_store(stores: Path, task: str) -> Store:
+    return Store(stores / f"demo-{task}.duckdb")
+
+
+# --------------------------------------------------------------------------- model overview
+
+
+def test_multiclass_cohort_table_equals_the_metrics(app, stores):
+    at = app("store=demo-multiclass", OVERVIEW)
+    table = table_with(at, "Accuracy").set_index("Cohort")
+    assert list(table.index) == ["All images", "North"]
+    store = open_store(stores, "multiclass")
+    north = parse_query("site__eq=north", catalog_of(store)).cohort
+    from core.cohorts import compile_cohort
+
+    for name, cohort in (("All images", Cohort()), ("North", north)):
+        expected = classification_metrics(store, "baseline", compile_cohort(cohort, store, model_id="baseline"))
+        assert number(table.loc[name, "Accuracy"]) == pytest.approx(expected["accuracy"], abs=SHOWN)
+        assert number(table.loc[name, "F1 (macro)"]) == pytest.approx(expected["f1_macro"], abs=SHOWN)
+        assert number(table.loc[name, "Images"]) == cohort_count(store, cohort, "baseline")
+
+
+def test_help_me_choose_restores_the_recommended_metrics(app):
+    at = app("store=demo-multiclass", OVERVIEW)
+    at.multiselect(key="vl_overview_metrics_multiclass").set_value(["precision_weighted"]).run()
+    assert list(table_with(at, "Precision (weighted)").columns) == ["Cohort", "Images", "Precision (weighted)"]
+    at.button(key="vl_overview_metrics_recommend").click().run()
+    assert {"Accuracy", "F1 (macro)"} <= set(table_with(at, "Accuracy").columns)
+
+
+def test_detection_map_follows_the_iou_in_the_url(app, stores):
+    store = open_store(stores, "detection")
+    shown = {}
+    for iou in (0.5, 0.75):
+        at = app(f"store=demo-detection&iou={iou}", OVERVIEW)
+        shown[iou] = number(table_with(at, "mAP@IoU").set_index("Cohort").loc["All images", "mAP@IoU"])
+        expected = detection_metrics(store, "baseline", None, iou=iou, score_threshold=0.5)["mAP"]
+        assert shown[iou] == pytest.approx(expected, abs=SHOWN)
+    assert shown[0.5] != shown[0.75]
+
+
+def test_multilabel_metrics_follow_the_label_threshold(app, stores):
+    store = open_store(stores, "multilabel")
+    for thr in (0.3, 0.7):
+        at = app(f"store=demo-multilabel&thr={thr}", OVERVIEW)
+        row = table_with(at, "Exact match").set_index("Cohort").loc["All images"]
+        expected = multilabel_metrics(store, "baseline", None, label_threshold=thr)
+        assert number(row["Exact match"]) == pytest.approx(expected["exact_match"], abs=SHOWN)
+        assert number(row["Hamming loss"]) == pytest.approx(expected["hamming_loss"], abs=SHOWN)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_feature_cohorts_show_difference_and_ratio(app, stores, task):
+    at = app(f"store=demo-{task}&view=features", OVERVIEW)
+    at.multiselect(key=f"vl_fc_features_demo-{task}").set_value(["site"]).run()
+    gaps = table_with(at, "Difference (max − min)").set_index("Metric")
+    groups = table_with(at, "Site")
+    store = open_store(stores, task)
+    expected = cohort_group_metrics(store, Cohort(), "baseline", ["site"], ["accuracy", "error_rate"], bins=4,
+                                    binning="equal", **parse_query("", catalog_of(store)).view.thresholds(
+                                        catalog_of(store)))
+    assert number(gaps.loc["Accuracy", "Difference (max − min)"]) == pytest.approx(expected.difference["accuracy"],
+                                                                                   abs=SHOWN)
+    assert number(gaps.loc["Accuracy", "Ratio (min / max)"]) == pytest.approx(expected.ratio["accuracy"], abs=SHOWN)
+    assert groups["Images"].sum() == open_store(stores, task).image_count()
+    assert sorted(groups["Site"]) == ["east", "north", "south"]
+
+
+# --------------------------------------------------------------------------- error analysis
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_tree_node_becomes_the_cohort(app, stores, task):
+    at = app(f"store=demo-{task}", ERRORS)
+    features = at.multiselect(key=f"vl_ea_features_demo-{task}").value
+    assert features
+    store = open_store(stores, task)
+    catalog = catalog_of(store)
+    frame = load_error_frame(store, Cohort(), "baseline", features, **parse_query("", catalog).view.thresholds(catalog))
+    n = store.image_count()
+    tree = fit_error_tree(frame, TreeSettings(max_depth=4, max_leaves=16, min_samples_leaf=max(1, min(20, n // 20))),
+                          catalog=catalog)
+    picker = at.selectbox(key="vl_ea_node")
+    assert picker.options and len(picker.options) == len(tree.nodes)
+    node = next(n for n in tree.nodes if n.depth == 1)
+    picker.set_value(node.node_id).run()
+    at.button(key="vl_ea_node_actions_apply").click().run()
+    assert not at.exception
+    expected = dict(parse_qsl(to_query(node.cohort)))
+    assert expected and expected.items() <= dict(at.query_params).items()
+    parsed = parse_query(dict(at.query_params), catalog)
+    assert cohort_count(store, parsed.cohort, "baseline") == node.size
+
+
+def test_heatmap_cell_becomes_the_cohort(app, stores):
+    at = app("store=demo-multiclass&view=heatmap", ERRORS)
+    at.selectbox(key="vl_hm_x_demo-multiclass").set_value("site").run()
+    at.selectbox(key="vl_hm_y_demo-multiclass").set_value("brightness").run()
+    cells = at.selectbox(key="vl_hm_cell")
+    assert len(cells.options) >= 3
+    at.button(key="vl_hm_actions_apply").click().run()
+    params = dict(at.query_params)
+    assert "site__eq" in params and any(k.startswith("brightness__") for k in params)
+    store = open_store(stores, "multiclass")
+    count = cohort_count(store, parse_query(params, catalog_of(store)).cohort, "baseline")
+    assert 0 < count < store.image_count()
+
+
+def test_detection_rate_target(app):
+    at = app("store=demo-detection", ERRORS)
+    at.selectbox(key="vl_ea_target_demo-detection").set_value(ErrorTarget("rate")).run()
+    assert not at.exception
+    assert any("wrong objects" in c.value for c in at.caption)
+
+
+# --------------------------------------------------------------------------- data analysis
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_data_analysis_chart_and_table(app, task):
+    at = app(f"store=demo-{task}", DATA)
+    assert any("images, counted per" in c.value for c in at.caption)
+    # Labels as the x axis: one bar per class (label lists counted once per label).
+    at.selectbox(key=f"vl_da_x_agg_demo-{task}").set_value("true_label").run()
+    at.selectbox(key=f"vl_da_y_aggregate_demo-{task}").set_value("score").run()
+    assert not at.exception
+    assert any("mean score per true label" in c.value for c in at.caption)
+    at.segmented_control(key="vl_da_mode").set_value("points").run()
+    assert not at.exception
+    assert any("All " in c.value and "Click a point" in c.value for c in at.caption)
+    at.toggle(key="vl_da_log_y").set_value(True).run()
+    assert not at.exception
+    at.segmented_control(key="vl_view").set_value("table").run()
+    assert not at.exception
+    assert at.query_params["view"] == "table"
