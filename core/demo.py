@@ -8,13 +8,19 @@ slices with a cause one can name:
 - ``site`` (lab, office, warehouse, outdoor): background colours, gradients,
   lighting and clutter. The warehouse is dim; outdoor backgrounds are
   colourful with strong gradients.
-- ``camera`` (dslr, phone, webcam): the phone blurs, the webcam is noisy.
-- ``digit_size`` (px): small digits keep less detail after blur and noise.
-- ``clutter`` (stray strokes) and ``occluded`` (a patch over part of a digit).
+- ``camera`` (dslr, phone, webcam): the phone blurs, the webcam is noisy; in
+  dim light every camera is noisier (it raises its gain).
+- ``digit_size`` / ``smallest_digit`` (px): small digits keep less detail.
+- ``clutter`` (stray strokes) and ``occluded`` (a patch over part of a digit;
+  for detection also digits overlapping each other); multilabel and
+  detection add ``digits`` (how many), detection ``crowd`` (a row of tiny
+  copies annotated as one iscrowd box).
 
 Half of the digit bitmaps of each class are held out for the stored (test)
 images; models train on scenes made from the other half. Two models per task,
-``baseline`` and ``candidate``, are trained on the CPU in seconds, saved as
+``baseline`` and ``candidate``, are trained on the CPU in seconds (baselines
+are narrower, see only well-lit scenes and do not normalise exposure, so
+they fail in the dark; the detection baseline also has cruder proposals), saved as
 ``<out>/<store>.models/<model_id>.pt`` and re-runnable through
 ``core.models.load_model`` (loader ``core.demo:load_demo_model``). The stored
 predictions are made by ``core.models`` from the written PNG files, exactly as
@@ -35,14 +41,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.ops import box_iou
 
 from .demo_models import N_DIGITS, DigitDetector, build_demo_model, load_demo_model
 from .errors import IngestError
@@ -117,15 +122,16 @@ SITE_PROFILES = {
 }
 CAMERA_PROFILES = {
     "dslr": CameraProfile(0.7, (0.0, 0.5), (0.004, 0.02)),
-    "phone": CameraProfile(0.15, (1.0, 2.0), (0.01, 0.03)),
-    "webcam": CameraProfile(0.15, (0.3, 0.8), (0.06, 0.12)),
+    "phone": CameraProfile(0.15, (1.5, 2.8), (0.01, 0.03)),
+    "webcam": CameraProfile(0.15, (0.3, 0.8), (0.1, 0.2)),
 }
 # Baseline models train under good light only (the cameras are the same).
 WELL_LIT = (0.8, 1.05)
 OCCLUSION_RATE = 0.06
 SMALL_DIGIT_RATE = 0.12
-# In low light the camera raises its gain, and its noise with it.
+# In low light the camera raises its gain, and its noise with it (up to a ceiling).
 LOW_LIGHT_NOISE = 2.5
+MAX_NOISE = 0.25
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,7 @@ def sample_conditions(rng: np.random.Generator, n: int, *, well_lit: bool = Fals
     gain = _uniform(rng, np.array([WELL_LIT] * n) if well_lit else table(sites, "gain")[site])
     blur = _uniform(rng, table(cameras, "blur")[camera])
     noise = _uniform(rng, table(cameras, "noise")[camera])
-    noise *= 1 + LOW_LIGHT_NOISE * np.clip(1 - gain, 0, 1)
+    noise = np.minimum(noise * (1 + LOW_LIGHT_NOISE * np.clip(1 - gain, 0, 1)), MAX_NOISE)
     clutter = np.minimum(rng.poisson(table(sites, "clutter")[site]), 4)
     occluded = rng.random(n) < OCCLUSION_RATE
     grey = _uniform(rng, table(sites, "background")[site])
@@ -216,7 +222,8 @@ def _glyph_ink(glyphs: np.ndarray, boxes: torch.Tensor, size: int) -> torch.Tens
     """Each glyph drawn into its box on an empty ``size``² canvas: (K, size, size) in [0, 1]."""
     x0, y0, w, h = boxes.unbind(1)
     # Bilinear upscaling is separable: rows then columns, as two small batched matmuls.
-    sampled = _interpolation(y0, h, size) @ torch.from_numpy(glyphs) @ _interpolation(x0, w, size).transpose(1, 2)
+    rows, cols = _interpolation(y0, h, size), _interpolation(x0, w, size)
+    sampled = rows @ torch.from_numpy(glyphs) @ cols.transpose(1, 2)
     # Sharpen the upscaled bitmap into strokes with soft edges.
     return sampled.sub_(0.25).div_(0.35).clamp_(0, 1)
 
@@ -255,8 +262,9 @@ def _per_scene_max(values: torch.Tensor, owner: np.ndarray, n: int) -> torch.Ten
 def _tight_boxes(ink: torch.Tensor) -> torch.Tensor:
     """xyxy pixel-edge boxes around where each map (K, S, S) reaches half its maximum."""
     size = ink.shape[-1]
-    on = ink >= 0.5 * ink.amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
-    rows, cols = on.any(dim=2), on.any(dim=1)
+    row_peak, col_peak = ink.amax(dim=2), ink.amax(dim=1)
+    half = 0.5 * row_peak.amax(dim=1, keepdim=True).clamp_min(1e-6)
+    rows, cols = row_peak >= half, col_peak >= half
     y0 = rows.float().argmax(dim=1)
     y1 = size - rows.flip(1).float().argmax(dim=1)
     x0 = cols.float().argmax(dim=1)
@@ -338,7 +346,8 @@ def render(glyphs: Glyphs, layout: Layout, cond: Conditions, size: int, rng: np.
         slope = torch.from_numpy(cond.gradient[lo:hi]).float()
         light = slope[:, 0].view(m, 1, 1, 1) * coords.view(1, 1, 1, size) \
             + slope[:, 1].view(m, 1, 1, 1) * coords.view(1, 1, size, 1)
-        img = (torch.from_numpy(cond.background[lo:hi]).float().view(m, 3, 1, 1) + light).clamp_(0, 1).mul_(gain)
+        background = torch.from_numpy(cond.background[lo:hi]).float().view(m, 3, 1, 1)
+        img = (background + light).clamp_(0, 1).mul_(gain)
         img.lerp_(colour(cond.stroke), clutter)
         img.lerp_(colour(cond.ink), digit)
         img.lerp_(colour(cond.patch), patch.float())
@@ -452,9 +461,9 @@ def panel_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
 def train_classifier(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
                      loss: Loss, epochs: int, seed: int, batch_size: int = 64,
                      lr: float = 1e-2) -> torch.nn.Module:
-    """Adam with a one-cycle schedule; ``inputs`` uint8 (n, 3, H, W) or float in [0, 1]."""
+    """Adam with a one-cycle schedule; ``inputs`` uint8 (n, 3, H, W) or float in [0, 1].
+    ``seed`` orders the batches (the caller seeds the weights)."""
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     n = len(inputs)
     steps = epochs * -(-n // batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -488,6 +497,8 @@ PLANS = {
     "multilabel": {"baseline": TrainingPlan(True, 5), "candidate": TrainingPlan(False, 6)},
     "detection": {"baseline": TrainingPlan(True, 3), "candidate": TrainingPlan(False, 4)},
 }
+# Training scenes per model (whatever the store's size): what the time budget affords.
+TRAIN_SCENES = {"multiclass": 3000, "multilabel": 1600, "detection": 800}
 MODEL_NAMES = {"baseline": "Baseline CNN", "candidate": "Candidate CNN"}
 SIZES = {"multiclass": 48, "multilabel": 64, "detection": 96}
 # Relative build time of each task (for scheduling only).
@@ -500,8 +511,18 @@ def _multi_hot(layout: Layout, glyphs: Glyphs, n: int) -> np.ndarray:
     return y
 
 
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU matrix (N, M) of xyxy boxes."""
+    lo = torch.maximum(a[:, None, :2], b[None, :, :2])
+    hi = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (hi - lo).clamp(min=0).prod(dim=2)
+    area_a = (a[:, 2:] - a[:, :2]).prod(dim=1)
+    area_b = (b[:, 2:] - b[:, :2]).prod(dim=1)
+    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1e-9)
+
+
 def _detector_crops(detector: DigitDetector, scenes: Scenes, glyphs: Glyphs,
-                    rng: np.random.Generator, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+                    rng: np.random.Generator, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Classifier training crops from the detector's own proposals on training scenes.
 
     A proposal with IoU >= 0.5 to a digit takes its class, below 0.3 to all digits it is
@@ -523,7 +544,7 @@ def _detector_crops(detector: DigitDetector, scenes: Scenes, glyphs: Glyphs,
             gt_scene = torch.from_numpy(layout.scene[first:last][keep] - lo)
             gt_label = torch.from_numpy(labels[first:last][keep])
             iou = box_iou(boxes, gt) * (image_index.view(-1, 1) == gt_scene.view(1, -1))
-            best, which = iou.max(dim=1) if len(gt) else (torch.zeros(len(boxes)), torch.zeros(len(boxes), dtype=torch.int64))
+            best, which = iou.max(dim=1)  # every scene holds a digit, so gt is never empty
             cls = torch.where(best >= 0.5, gt_label[which], torch.full_like(which, N_DIGITS))
             usable = (best >= 0.5) | (best < 0.3)
             size = (gt[:, 2:] - gt[:, :2]).repeat(1, 2)
@@ -537,7 +558,15 @@ def _detector_crops(detector: DigitDetector, scenes: Scenes, glyphs: Glyphs,
 
 def train_model(task: str, model_id: str, train_glyphs: Glyphs, rng: np.random.Generator,
                 n_train: int, seed: int) -> torch.nn.Module:
-    """Render this model's training scenes and train it."""
+    """Render this model's training scenes and train it (the same seed, the same weights,
+    whatever ran before in the process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _train_model(task, model_id, train_glyphs, rng, n_train, seed)
+
+
+def _train_model(task: str, model_id: str, train_glyphs: Glyphs, rng: np.random.Generator,
+                 n_train: int, seed: int) -> torch.nn.Module:
     plan = PLANS[task][model_id]
     size = SIZES[task]
     model = build_demo_model(f"{task}-{model_id}")
@@ -552,8 +581,8 @@ def train_model(task: str, model_id: str, train_glyphs: Glyphs, rng: np.random.G
     if task == "multiclass":
         return train_classifier(model, inputs, torch.from_numpy(train_glyphs.labels[layout.glyph]),
                                 loss=class_loss, epochs=plan.epochs, seed=seed)
-    return train_classifier(model, inputs, torch.from_numpy(_panel_targets(layout, train_glyphs, n_train, size)),
-                            loss=panel_loss, epochs=plan.epochs, seed=seed)
+    panels = torch.from_numpy(_panel_targets(layout, train_glyphs, n_train, size))
+    return train_classifier(model, inputs, panels, loss=panel_loss, epochs=plan.epochs, seed=seed)
 
 
 def _panel_targets(layout: Layout, glyphs: Glyphs, n: int, size: int) -> np.ndarray:
@@ -586,7 +615,9 @@ def _write_pngs(images: np.ndarray, folder: Path) -> list[str]:
     return paths
 
 
-def _image_table(task: str, scenes: Scenes, cond: Conditions, glyphs: Glyphs, uris: list[str]) -> pd.DataFrame:
+def _image_table(task: str, scenes: Scenes, cond: Conditions, glyphs: Glyphs,
+                 uris: list[str]) -> pd.DataFrame:
+    """The images table: ids, uris, ground truth and the user metadata columns."""
     layout = scenes.layout
     n = len(uris)
     plain = layout.crowd < 0
@@ -650,19 +681,25 @@ def _gt_frame(scenes: Scenes, glyphs: Glyphs) -> pd.DataFrame:
 
 
 def build_task(task: str, out_dir: Path, n_images: int, seed: int, *, n_train: int | None = None,
-               progress: Progress | None = None) -> Path:
-    """Build one demo store; returns the path of its base file."""
+               glyphs: tuple[Glyphs, Glyphs] | None = None, progress: Progress | None = None) -> Path:
+    """Build one demo store; returns the path of its base file. ``glyphs`` = ``digit_glyphs(seed)``
+    when the caller has them already."""
     if task not in TASKS:
         raise IngestError(f"unknown demo task {task!r}", field="task", choices=list(TASKS))
 
+    logged = [""]
+
     def step(stage: str, done: int = 0, total: int = 1) -> None:
+        if stage != logged[0]:
+            log.info("%s: %s", task, stage)
+            logged[0] = stage
         if progress:
             progress(f"{task}: {stage}", done, total)
 
     name = f"demo-{task}"
     task_seed = seed * 1000 + TASKS.index(task)
     rng = np.random.default_rng(task_seed)
-    train_glyphs, test_glyphs = digit_glyphs(seed)
+    train_glyphs, test_glyphs = glyphs or digit_glyphs(seed)
     n_train = n_train or TRAIN_SCENES[task]
     size = SIZES[task]
 
@@ -676,7 +713,9 @@ def build_task(task: str, out_dir: Path, n_images: int, seed: int, *, n_train: i
     if task == "multiclass":
         flipped = np.sort(rng.choice(n_images, int(round(LABEL_ERROR_RATE * n_images)), replace=False))
         shift = rng.integers(1, N_DIGITS, len(flipped))
-        images.loc[flipped, "true_label"] = ((images.loc[flipped, "true_label"] + shift) % N_DIGITS).astype(np.int32)
+        true = images["true_label"].to_numpy().copy()
+        true[flipped] = (true[flipped] + shift) % N_DIGITS
+        images["true_label"] = true
         extra_meta["injected_label_errors"] = [int(i) for i in flipped]
     gt_boxes = _gt_frame(scenes, test_glyphs) if task == "detection" else None
 
@@ -708,22 +747,21 @@ def build_task(task: str, out_dir: Path, n_images: int, seed: int, *, n_train: i
     return out_dir / f"{name}.duckdb"
 
 
-# Training scenes per model (whatever the store's size): what the time budget affords.
-TRAIN_SCENES = {"multiclass": 3000, "multilabel": 1600, "detection": 800}
-
-
-def _build_in_worker(task: str, out_dir: str, n_images: int, seed: int, n_train: int | None,
-                     queue) -> Path:
+def _build_in_worker(task: str, out_dir: str, n_images: int, seed: int, n_train: int,
+                     glyphs: tuple[Glyphs, Glyphs], queue) -> Path:
     """One task in a worker process, reporting progress through ``queue``."""
     torch.set_num_threads(1)
-    return build_task(task, Path(out_dir), n_images, seed, n_train=n_train,
+    return build_task(task, Path(out_dir), n_images, seed, n_train=n_train, glyphs=glyphs,
                       progress=lambda stage, done, total: queue.put((stage, done, total)))
 
 
 def build_demos(out_dir: str | Path, tasks: Sequence[str] = TASKS, n_images: int = 2000, seed: int = 0,
-                progress: Progress | None = None, *, n_train: int | None = None,
+                progress: Progress | None = None, *, n_train: int | Mapping[str, int] | None = None,
                 workers: int | None = None) -> dict[str, Path]:
     """Build the demo stores into ``out_dir``: task → path of the store's base file.
+
+    ``n_train``: training scenes per model, for every task or per task (default
+    ``TRAIN_SCENES``).
 
     Tasks run in parallel worker processes (``workers``, default one per CPU core up to one
     per task), each torch-single-threaded: small convolutions gain little from a second
@@ -737,22 +775,26 @@ def build_demos(out_dir: str | Path, tasks: Sequence[str] = TASKS, n_images: int
         raise IngestError(f"unknown demo task {unknown[0]!r}", field="task", choices=list(TASKS))
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    # Largest first, so the longest task starts at once.
-    tasks = sorted(dict.fromkeys(tasks), key=TASK_WORK.get, reverse=True)
+    tasks = list(dict.fromkeys(tasks))
     workers = min(workers or os.cpu_count() or 1, len(tasks))
+    train_sizes = {t: (n_train.get(t) if isinstance(n_train, Mapping) else n_train) or TRAIN_SCENES[t]
+                   for t in tasks}
+    glyphs = digit_glyphs(seed)  # once here, so workers need not import scikit-learn
     if workers <= 1:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return {task: build_task(task, out, n_images, seed, n_train=n_train, progress=progress)
-                    for task in tasks}
+            return {task: build_task(task, out, n_images, seed, n_train=train_sizes[task],
+                                     glyphs=glyphs, progress=progress) for task in tasks}
         finally:
             torch.set_num_threads(threads)
     context = multiprocessing.get_context("spawn")  # fork is unsafe once torch has threads
     with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
         queue = manager.Queue()
-        futures = {task: pool.submit(_build_in_worker, task, str(out), n_images, seed, n_train, queue)
-                   for task in tasks}
+        # Largest first, so the longest task starts at once.
+        futures = {task: pool.submit(_build_in_worker, task, str(out), n_images, seed,
+                                     train_sizes[task], glyphs, queue)
+                   for task in sorted(tasks, key=TASK_WORK.get, reverse=True)}
         pending = set(futures.values())
         while pending:
             _, pending = wait(pending, timeout=0.2)
@@ -760,7 +802,7 @@ def build_demos(out_dir: str | Path, tasks: Sequence[str] = TASKS, n_images: int
                 stage, done, total = queue.get()
                 if progress:
                     progress(stage, done, total)
-        return {task: future.result() for task, future in futures.items()}
+        return {task: futures[task].result() for task in tasks}
 
 
 def demo_main(argv: list[str] | None = None) -> int:
