@@ -24,6 +24,7 @@ from core.metrics.detection import image_objects
 from . import urlsync
 from .charts import bars_height, probability_bars, probability_frame
 from .state import View, claim_dialog
+from .whatif import render_whatif
 
 # How many targets "compute" explains: the top class for multiclass, the three most
 # probable labels / highest-scored detections otherwise (a few seconds on a CPU).
@@ -60,6 +61,7 @@ def _flyout(view: View, image_id: int, record: pd.DataFrame) -> None:
         objects = _prediction(view, image_id)
     with picture:
         _picture(view, image_id, str(row["uri"]), objects)
+    render_whatif(view, image_id)
     st.markdown("##### Metadata")
     _metadata(view, row)
 

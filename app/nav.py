@@ -54,6 +54,7 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec("pages/compare.py", "compare", "Compare models", ":material/compare_arrows:"),
     PageSpec("pages/review.py", "review", "Label review", ":material/rule:", min_models=1),
     PageSpec("pages/cohorts.py", "cohorts", "Cohorts", ":material/filter_alt:"),
+    PageSpec("pages/robustness.py", "robustness", "Robustness", ":material/blur_on:", min_models=1),
 )
 
 

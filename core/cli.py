@@ -17,14 +17,29 @@ COMMANDS = {
     "ingest": ("core.ingest.run", "ingest_main", "build a store from COCO / VOC / ImageFolder / tables"),
     "cohort": ("core.cohorts", "cohort_main", "count and metrics of a cohort query string"),
     "eval-coco": ("core.metrics.detection", "eval_coco_main", "COCO bbox evaluation of two json files"),
-    "precompute": ("core.explain.precompute", "precompute_main", "compute explanations into a store"),
+    "precompute": ("core.cli", "precompute_main",
+                   "explanations (--explain), or inference/metadata/matching on workers (--engine)"),
     "compact": ("core.cli", "compact_main", "fold a store's parts into a new base"),
     "slices": ("core.slices", "slices_main", "ranked error slices"),
     "compare": ("core.compare", "compare_main", "compare a baseline and a candidate model"),
     "report": ("core.report", "report_main", "PDF scorecard"),
     "label-quality": ("core.label_quality", "label_quality_main", "flag likely label errors from a model's predictions"),
     "embeddings": ("core.embeddings", "embeddings_main", "2-D embedding map and near-duplicate pairs"),
+    "robustness": ("core.robustness", "robustness_main", "metrics under a perturbation swept over strengths"),
+    "synthetic": ("core.synthetic", "synthetic_main", "a large synthetic store for scale benchmarks"),
 }
+
+
+def precompute_main(argv: list[str] | None = None) -> int:
+    """``--engine`` runs the partitioned pipeline (``core.distributed``); otherwise explanations."""
+    argv = list(argv or [])
+    if any(arg == "--engine" or arg.startswith("--engine=") for arg in argv):
+        from .distributed import distributed_main
+
+        return distributed_main(argv)
+    from .explain.precompute import precompute_main as explain_main
+
+    return explain_main(argv)
 
 
 def compact_main(argv: list[str] | None = None) -> int:

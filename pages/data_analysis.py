@@ -2,13 +2,15 @@
 
 import streamlit as st
 
-from app import data_views, explorer, flyout, nav, require_view
+from app import balance_view, data_views, explorer, flyout, nav, require_view
 
 view = require_view()
 st.header("Data analysis")
-mode = nav.view_switch(view, {"chart": "Chart view", "table": "Table view"})
+mode = nav.view_switch(view, {"chart": "Chart view", "table": "Table view", "balance": "Data balance"})
 if mode == "table":
     explorer.table_view(view)
+elif mode == "balance":
+    balance_view.render_balance(view)
 else:
     data_views.chart_view(view)
 flyout.show(view)

@@ -7,12 +7,14 @@ aborted and recorded, so a CDN font or icon fails the suite.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,16 +50,16 @@ def e2e_stores(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def server(e2e_stores, tmp_path_factory) -> str:
+@contextlib.contextmanager
+def serve(data_dir: Path, log_path: Path, env: dict | None = None) -> Iterator[str]:
+    """`streamlit run` over the stores in ``data_dir`` on a free loopback port; yields its base URL."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("e2e-log") / "streamlit.log"
-    env = dict(os.environ, VISIONLENS_DATA=str(e2e_stores))
+    environment = dict(os.environ, VISIONLENS_DATA=str(data_dir), **(env or {}))
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"), "--server.port", str(port),
              "--server.address", "127.0.0.1", "--server.headless", "true"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_S
@@ -80,14 +82,27 @@ def server(e2e_stores, tmp_path_factory) -> str:
             process.kill()
 
 
-@pytest.fixture(scope="session")
-def browser(server):
+@contextlib.contextmanager
+def chromium() -> Iterator:
+    """Debian's Chromium driven by Playwright."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        yield chromium
-        chromium.close()
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="session")
+def server(e2e_stores, tmp_path_factory) -> Iterator[str]:
+    with serve(e2e_stores, tmp_path_factory.mktemp("e2e-log") / "streamlit.log") as base:
+        yield base
+
+
+@pytest.fixture(scope="session")
+def browser(server):
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture(scope="session")
