@@ -45,11 +45,11 @@ class PageSpec:
 
 
 PAGES: tuple[PageSpec, ...] = (
-    PageSpec("pages/model_overview.py", "model-overview", "Model overview", ":material/monitoring:", min_models=1),
+    PageSpec("pages/model-overview.py", "model-overview", "Model overview", ":material/monitoring:", min_models=1),
     PageSpec("pages/explorer.py", "explorer", "Data explorer", ":material/photo_library:"),
-    PageSpec("pages/error_analysis.py", "error-analysis", "Error analysis", ":material/troubleshoot:",
+    PageSpec("pages/error-analysis.py", "error-analysis", "Error analysis", ":material/troubleshoot:",
              min_models=1),
-    PageSpec("pages/data_analysis.py", "data-analysis", "Data analysis", ":material/bar_chart:"),
+    PageSpec("pages/data-analysis.py", "data-analysis", "Data analysis", ":material/bar_chart:"),
     PageSpec("pages/slices.py", "slices", "Error slices", ":material/view_quilt:", min_models=1),
     PageSpec("pages/compare.py", "compare", "Compare models", ":material/compare_arrows:"),
     PageSpec("pages/review.py", "review", "Label review", ":material/rule:", min_models=1),

@@ -9,6 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.cohorts import catalog_of, cohort_count, parse_query
 from core.state import StateDB
+from app import nav
 from core.store import Store
 from e2e.harness import APP, open_app, served_navigation
 from e2e.stores import build_all
@@ -219,3 +220,11 @@ def test_class_view_choices_live_in_the_url(app):
     assert all("(incorrect only)" in h for h in headers)
     at.multiselect(key="vl_class_labels").select(2).run()
     assert at.query_params["explorer.labels"] == "1,2,3"
+
+
+def test_page_files_are_named_after_their_url_paths():
+    # Streamlit maps a first request to `pages/<stem>.py` before st.navigation has run: a URL
+    # path that differs from the file's stem shows "Page not found" to the first visitor.
+    for spec in nav.PAGES:
+        assert spec.path.exists(), spec.file
+        assert spec.path.parent.name == "pages" and spec.path.stem == spec.url_path, spec

@@ -21,11 +21,12 @@ from core.metrics.classification import classification_metrics, multilabel_metri
 from core.metrics.detection import detection_metrics
 from core.state import StateDB
 from core.store import Store
+from e2e.harness import open_app, served_navigation
 from e2e.stores import build_all
 
 APP = str(Path(__file__).resolve().parents[1] / "streamlit_app.py")
 TASKS = ("multiclass", "multilabel", "detection")
-OVERVIEW, ERRORS, DATA = "pages/model_overview.py", "pages/error_analysis.py", "pages/data_analysis.py"
+OVERVIEW, ERRORS, DATA = "pages/model-overview.py", "pages/error-analysis.py", "pages/data-analysis.py"
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +42,8 @@ def stores(tmp_path_factory) -> Path:
 @pytest.fixture
 def app(stores, monkeypatch):
     monkeypatch.setenv("VISIONLENS_DATA", str(stores))
-
-    def make(query: str, page: str) -> AppTest:
-        at = AppTest.from_file(APP, default_timeout=180)
-        at.query_params.update(dict(parse_qsl(query, keep_blank_values=True)))
-        at.run()
-        at.switch_page(page)
-        at.run()
-        assert not at.exception, [e.message for e in at.exception]
-        return at
-
-    return make
+    with served_navigation():
+        yield open_app
 
 
 SHOWN = 5e-5  # tables show four decimals
