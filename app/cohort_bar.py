@@ -23,7 +23,7 @@ import streamlit as st
 from core.cohorts import (OPERATORS, ColumnInfo, Cohort, Filter, format_number, parse_filter, parse_query,
                           quote_identifier)
 from core.errors import CohortError
-from core.state import SavedCohort
+from core.state import STATUSES, SavedCohort
 
 from . import urlsync
 from .nav import go
@@ -261,7 +261,7 @@ def _text(value: object) -> str:
 
 def _picks(info: ColumnInfo) -> bool:
     """Whether values are picked from a list (classes, outcomes, known texts) rather than typed."""
-    return info.values in ("class", "outcome", "boolean") or (info.values == "text" and not info.is_list)
+    return info.values in ("class", "outcome", "boolean", "review") or (info.values == "text" and not info.is_list)
 
 
 def _value_key(uid: int, column: str, op: str) -> str:
@@ -284,6 +284,8 @@ def _choices(view: View, info: ColumnInfo) -> list[str]:
         return ["correct", "incorrect"]
     if info.values == "boolean":
         return ["true", "false"]
+    if info.values == "review":
+        return list(STATUSES)
     return _distinct(view, view.store_key, info.name)
 
 

@@ -1,4 +1,5 @@
-"""Label review: flagged labels with review status and notes, the embedding map, near duplicates.
+"""Label review: flagged labels and saved cohorts with review status and notes, the embedding map,
+near duplicates.
 
 Reads the ``label_quality``, ``embeddings`` and ``near_duplicates`` parts
 (``core.label_quality``, ``core.embeddings``), each model's latest run, limited
@@ -8,6 +9,7 @@ to the current cohort; review status and notes go to the state database.
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import altair as alt
 import numpy as np
@@ -15,7 +17,6 @@ import pandas as pd
 import streamlit as st
 
 from core.cohorts import Cohort, frame_sql
-from core.embeddings import DUPLICATES_TABLE, EMBEDDINGS_TABLE
 from core.label_quality import TABLE as QUALITY_TABLE
 from core.label_quality import latest_sql
 from core.state import STATUSES
@@ -27,6 +28,7 @@ from .state import View
 PER_PAGE = 12
 MAX_POINTS = 5000  # points drawn in the map; a larger cohort is sampled (the same sample each run)
 MAX_PAIRS_SHOWN = 24
+BRUSH = "brush"  # the map's interval selection
 KIND_NAMES = {"wrong_label": "wrong label", "missing_label": "label missing", "extra_label": "extra label",
               "missing_box": "box missing", "wrong_class": "wrong class", "poor_box": "box misplaced"}
 
@@ -112,14 +114,43 @@ def _review_row(view: View, image_id: int, jpeg: bytes | None, given: object, su
         if facts.button("Open", key=f"vl_review_open_{image_id}", icon=":material/open_in_full:"):
             open_image(image_id)
             st.rerun()
-        current = review.status if review else "open"
-        status = edit.segmented_control("Review status", STATUSES, default=current, required=True,
-                                        key=f"vl_review_s_{image_id}")
-        note = edit.text_input("Note", value=review.note if review else "", key=f"vl_review_n_{image_id}",
-                               placeholder="What is wrong, what was done")
-        if (status, note) != (current, review.note if review else ""):
-            view.state.set_review("image", image_id, status=status, note=note)
-            edit.caption(":material/check: saved")
+        review_editor(view, edit, "image", image_id, review)
+
+
+def review_editor(view: View, container, kind: str, target: int, review) -> None:
+    """Status and note of one image or saved cohort, saved to the state database as they change."""
+    current = review.status if review else "open"
+    written = review.note if review else ""
+    status = container.segmented_control("Review status", STATUSES, default=current, required=True,
+                                         key=f"vl_review_{kind}_s_{target}")
+    note = container.text_input("Note", value=written, key=f"vl_review_{kind}_n_{target}",
+                                placeholder="What is wrong, what was done")
+    if (status, note) != (current, written):
+        view.state.set_review(kind, target, status=status, note=note)
+        container.caption(":material/check: saved")
+
+
+# --------------------------------------------------------------------------- saved cohorts
+
+
+def cohort_notes(view: View) -> None:
+    """Review status and a note per saved cohort (the scorecard lists them)."""
+    saved = view.state.list_cohorts()
+    if not saved:
+        st.info("No saved cohorts yet. Save one from the cohort bar, an error slice or a selection on the "
+                "embedding map, then review it here.", icon=":material/bookmarks:")
+        return
+    reviews = {r.target: r for r in view.state.list_reviews("cohort")}
+    st.caption(f"**{len(saved):,}** saved cohorts. Their status and notes, like those of images, appear in the "
+               "PDF scorecard (`visionlens report`).")
+    for cohort in saved:
+        with st.container(border=True):
+            facts, edit = st.columns([3.2, 3.2], vertical_alignment="center")
+            facts.markdown(f"**{cohort.name}** (#{cohort.id})" + (f"  \n{cohort.description}"
+                                                                    if cohort.description else ""))
+            facts.page_link("pages/explorer.py", label="Open in the explorer", icon=":material/photo_library:",
+                            query_params=view.link_params(Cohort(parent_id=cohort.id)))
+            review_editor(view, edit, "cohort", cohort.id, reviews.get(cohort.id))
 
 
 # --------------------------------------------------------------------------- embedding map
@@ -139,6 +170,8 @@ def _colour_columns(view: View) -> dict[str, str]:
 
 
 def embedding_map(view: View) -> None:
+    from core.embeddings import EMBEDDINGS_TABLE  # imports torch
+
     if not _has_run(view, EMBEDDINGS_TABLE):
         _missing(view, "embedding map", "embeddings")
         return
@@ -149,29 +182,50 @@ def embedding_map(view: View) -> None:
     if not len(points):
         st.info("No image of this cohort is on the map.", icon=":material/scatter_plot:")
         return
+    drawn = points
     if len(points) > MAX_POINTS:
         keep = np.sort(np.random.default_rng(0).choice(len(points), MAX_POINTS, replace=False))
-        points = points.iloc[keep].reset_index(drop=True)
-        st.caption(f"Showing a sample of {MAX_POINTS:,} of the cohort's images.")
-    points["colour"] = _colour_values(view, colour, points["image_id"])
-    brush = alt.selection_interval(name="brush")
+        drawn = points.iloc[keep].reset_index(drop=True)
+        st.caption(f"Showing a sample of {MAX_POINTS:,} of the cohort's {len(points):,} images; a selection "
+                   "takes every image inside it, drawn or not.")
+    drawn = drawn.assign(colour=_colour_values(view, colour, drawn["image_id"]))
+    brush = alt.selection_interval(name=BRUSH)
     numeric = colour in view.catalog.columns and view.catalog.columns[colour].values == "number" \
         and colour != "true_label"
-    chart = (alt.Chart(points).mark_circle(size=28, opacity=0.75)
+    chart = (alt.Chart(drawn).mark_circle(size=28, opacity=0.75)
              .encode(x=alt.X("x:Q", title="PC 1"), y=alt.Y("y:Q", title="PC 2"),
                      color=alt.Color(f"colour:{'Q' if numeric else 'N'}", title=choices[colour]),
                      tooltip=["image_id:Q", alt.Tooltip("colour", title=choices[colour])])
              .add_params(brush).properties(height=480))
-    event = st.altair_chart(chart, on_select="rerun", selection_mode="brush", key="vl_review_map",
-                            width="stretch")
-    bounds = (event.selection or {}).get("brush") or {}
-    if "x" not in bounds or "y" not in bounds:
+    event = st.altair_chart(chart, on_select="rerun", selection_mode=BRUSH, key="vl_review_map", width="stretch")
+    picked = brushed_ids(points, (event.get("selection") or {}).get(BRUSH))
+    if picked is None:
         st.caption("Drag a rectangle over the map to select images; save them as a cohort.")
         return
+    save_selection(view, picked)
+
+
+def brushed_ids(points: pd.DataFrame, bounds: Mapping | None) -> list[int] | None:
+    """Image ids of ``points`` (``image_id, x, y``) inside an interval selection ``{"x": [a, b],
+    "y": [c, d]}`` (edges included, either order), by id; None while no rectangle is drawn."""
+    if not bounds or "x" not in bounds or "y" not in bounds:
+        return None
     (x0, x1), (y0, y1) = sorted(bounds["x"]), sorted(bounds["y"])
     inside = points["x"].between(x0, x1) & points["y"].between(y0, y1)
-    picked = points.loc[inside, "image_id"].astype(int).tolist()
-    _save_selection(view, picked)
+    return sorted(points.loc[inside, "image_id"].astype(int).tolist())
+
+
+def save_selection(view: View, picked: list[int]) -> None:
+    """The selected images: a name field and a button that saves them as a cohort (inside the current
+    saved cohort, if any) and opens it in the explorer (``?cohort=<id>``)."""
+    with st.container(border=True, horizontal=True, vertical_alignment="bottom"):
+        st.markdown(f"**{len(picked):,}** images selected")
+        name = st.text_input("Cohort name", key="vl_review_cohort_name", placeholder="Name for these images")
+        if st.button("Save as cohort and open", icon=":material/save:", type="primary", key="vl_review_save",
+                     disabled=not (picked and name.strip())):
+            saved = view.state.create_cohort(name, image_ids=picked, parent_id=view.cohort.parent_id,
+                                             description="selected on the embedding map")
+            st.switch_page("pages/explorer.py", query_params=view.link_params(Cohort(parent_id=saved.id)))
 
 
 def _colour_values(view: View, colour: str, image_ids: pd.Series) -> list:
@@ -188,21 +242,12 @@ def _colour_values(view: View, colour: str, image_ids: pd.Series) -> list:
     return values.tolist()
 
 
-def _save_selection(view: View, picked: list[int]) -> None:
-    with st.container(border=True, horizontal=True, vertical_alignment="bottom"):
-        st.markdown(f"**{len(picked):,}** images selected")
-        name = st.text_input("Cohort name", key="vl_review_cohort_name", placeholder="Name for these images")
-        if st.button("Save as cohort and open", icon=":material/save:", type="primary", key="vl_review_save",
-                     disabled=not (picked and name.strip())):
-            saved = view.state.create_cohort(name, image_ids=picked,
-                                             description="selected on the embedding map")
-            st.switch_page("pages/explorer.py", query_params=view.link_params(Cohort(parent_id=saved.id)))
-
-
 # --------------------------------------------------------------------------- near duplicates
 
 
 def near_duplicates(view: View) -> None:
+    from core.embeddings import DUPLICATES_TABLE, EMBEDDINGS_TABLE  # imports torch
+
     if not _has_run(view, EMBEDDINGS_TABLE):
         _missing(view, "near-duplicate search", "embeddings")
         return

@@ -158,7 +158,8 @@ class View:
 
     @property
     def store_key(self) -> tuple:
-        return (str(self.store.paths.base), self.store.signature)
+        # Review statuses live in the state database, not the store: their key refreshes cached cohorts.
+        return (str(self.store.paths.base), self.store.signature, self.catalog.reviews_key)
 
     def model_params(self) -> dict:
         """The chosen model's ``models.params`` (empty without a model)."""

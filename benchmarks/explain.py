@@ -133,7 +133,7 @@ def overlay_benchmark(n: int, size: int, repeat: int) -> None:
         seconds = interleaved(candidates, repeat)
     t_shap, t_captum = seconds.pop("shap.image_plot -> PNG"), seconds.pop("captum visualize_image_attr -> PNG")
     print(f"overlay render+encode per {size}x{size} image ({n} images, median of {repeat} interleaved "
-          "runs; ours: PNG zlib level 1, JPEG q90)")
+          "runs; ours: PNG rows Up-filtered + zlib run-length level 1, JPEG q90)")
     print(f"  shap.image_plot -> PNG              {t_shap / n * 1e3:8.2f} ms")
     print(f"  captum visualize_image_attr -> PNG  {t_captum / n * 1e3:8.2f} ms")
     for label, t in seconds.items():

@@ -28,11 +28,32 @@ detection, ``n_tp``/``n_fp``/``n_fn``, all computed live at the chosen
 thresholds). Every value is a bound ``?`` parameter; every identifier comes
 from the store's catalog and is quoted by ``quote_identifier``. Nothing else
 in VisionLens builds a WHERE clause.
+
+Derived columns join the frame when their data exists, and only in frames
+that read them:
+
+- ``label_issue`` (boolean) and ``label_quality_score`` (low: likely wrong)
+  from the ``label_quality`` table, the model's latest run (``core.label_quality``);
+- ``flip_<kind>[_<direction>]`` (e.g. ``flip_blur__lte=1.5``) from the
+  ``counterfactuals`` table: the smallest strength that flips the model's
+  prediction, NULL when none does within the searched bound (``core.robustness``);
+- ``review_status`` (open / reviewed / fixed) from the state database: images
+  nobody reviewed have none (NULL: ``review_status__isnull=true`` finds them;
+  ``review_status__notin=fixed`` keeps them). ``catalog_of`` reads the statuses
+  on each call and the frame binds them; ``Catalog.reviews_key`` changes with
+  them, for cache keys.
+
+Pages are cheap on big detection stores: ``cohort_rows`` aggregates detections
+and matches for a page's images only, and for a cohort that filters on them
+(the grid's ``outcome``), sorted by image columns, for a window of the first
+images in sort order (``_windowed_page``); image-column conjuncts of a cohort
+narrow the images aggregated at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -47,6 +68,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import CohortError, EvalError, VisionLensError
+from .label_quality import latest_sql
 from .matching import image_counts_params
 from .store import Store
 
@@ -337,6 +359,19 @@ SPECIAL_COLUMNS = ("image_id", "true_label", "pred_label", "outcome", "error", "
 MODEL_COLUMNS = ("pred_label", "score", "outcome", "error", "n_tp", "n_fp", "n_fn")
 OUTCOMES = ("correct", "incorrect")
 
+# Per-image columns from tables written after ingest (and from the state database).
+# Each appears in the catalog only when its data exists; ``Catalog.derived`` maps
+# the column to where it comes from.
+LABEL_QUALITY = "label_quality"  # core.label_quality's table, the chosen model's latest run
+COUNTERFACTUALS = "counterfactuals"  # core.robustness's table, one column per kind and direction
+REVIEWS = "reviews"  # image review status in NAME.state.sqlite (core.state)
+REVIEW_STATUS = "review_status"
+_LABEL_QUALITY_COLUMNS = {"label_issue": "Likely label error", "label_quality_score": "Label quality score"}
+# Tables the frame's joins read whose rows each belong to one image, every aggregate over
+# them grouping by image: a frame for a known set of images reads only their rows.
+# (label_quality is not one: its latest run is chosen over all images.)
+_PER_IMAGE_TABLES = ("det_boxes", "det_matches", "gt_matches", COUNTERFACTUALS)
+
 _NUMERIC_TYPES = re.compile(
     r"(TINYINT|SMALLINT|INTEGER|BIGINT|HUGEINT|UTINYINT|USMALLINT|UINTEGER|UBIGINT|UHUGEINT|"
     r"FLOAT|DOUBLE|REAL|DECIMAL(\(\d+,\s*\d+\))?)")
@@ -346,6 +381,7 @@ _SPECIAL_LABELS = {
     "image_id": "Image id", "true_label": "True label", "pred_label": "Predicted label",
     "outcome": "Outcome", "error": "Error", "score": "Score",
     "n_tp": "True positives", "n_fp": "False positives", "n_fn": "False negatives",
+    REVIEW_STATUS: "Review status",
 }
 
 
@@ -354,16 +390,16 @@ class ColumnInfo:
     """A filterable column: how its values are read from a URL and bound in SQL.
 
     ``values`` is one of ``number``, ``text``, ``boolean``, ``class`` (class
-    names, bound as ids), ``outcome`` (correct/incorrect) or ``cast`` (a type
-    compared as its text, e.g. timestamps). ``is_list`` for array columns,
-    whose operators test membership.
+    names, bound as ids), ``outcome`` (correct/incorrect), ``review``
+    (open/reviewed/fixed) or ``cast`` (a type compared as its text, e.g.
+    timestamps). ``is_list`` for array columns, whose operators test membership.
     """
 
     name: str
     label: str
     kind: str  # numeric | categorical | boolean | list (as in the store's `columns` table)
     values: str
-    source: str  # user | auto | derived | model
+    source: str  # user | auto | derived | model (needs a model) | state (the state database)
     is_list: bool = False
     nan_is_null: bool = False  # FLOAT/DOUBLE: NaN reads as missing (DuckDB orders NaN above every number)
     param_cast: str | None = None  # FLOAT columns: parameters compared as FLOAT
@@ -383,6 +419,12 @@ class ColumnInfo:
         if self.values in ("text", "cast"):
             return ("eq", "ne", "in", "notin", "contains", "isnull", "notnull")
         return ("eq", "ne", "in", "notin", "isnull", "notnull")
+
+
+def _review_statuses() -> tuple[str, ...]:
+    from .state import STATUSES  # core.state imports this module
+
+    return STATUSES
 
 
 def _single_precision(sql_type: str) -> str | None:
@@ -418,6 +460,30 @@ class Catalog:
     prediction_types: Mapping[str, str] = field(default_factory=dict)  # column → DuckDB type
     default_score_threshold: float = 0.5
     default_label_threshold: float = 0.5
+    derived: Mapping[str, str] = field(default_factory=dict)  # column → LABEL_QUALITY | COUNTERFACTUALS | REVIEWS
+    reviews: tuple[tuple[int, str], ...] = ()  # (image_id, status) of reviewed images, as read by catalog_of
+
+    @property
+    def reviews_key(self) -> str:
+        """Changes whenever an image's review status does ("" without reviews): cached results of
+        frames that read ``review_status`` must be keyed by it as well as by ``Store.signature``."""
+        if not self.reviews:
+            return ""
+        return hashlib.sha1(repr(self.reviews).encode()).hexdigest()
+
+    def with_reviews(self, reviews: Iterable[tuple[int, str]]) -> "Catalog":
+        """This catalog with the state database's image review statuses (``review_status`` is
+        catalogued only when some image has one)."""
+        reviews = tuple(sorted((int(i), str(s)) for i, s in reviews))
+        columns = {k: v for k, v in self.columns.items() if self.derived.get(k) != REVIEWS}
+        derived = {k: v for k, v in self.derived.items() if v != REVIEWS}
+        if reviews:
+            if REVIEW_STATUS in self.image_columns:
+                log.warning("image column %r is shadowed by the review status of that name", REVIEW_STATUS)
+            columns[REVIEW_STATUS] = ColumnInfo(REVIEW_STATUS, _SPECIAL_LABELS[REVIEW_STATUS], "categorical",
+                                                "review", "state")
+            derived[REVIEW_STATUS] = REVIEWS
+        return replace(self, columns=columns, derived=derived, reviews=reviews)
 
     @classmethod
     def from_store(cls, store: Store) -> "Catalog":
@@ -464,11 +530,17 @@ class Catalog:
             if task == "detection":
                 for name in ("n_tp", "n_fp", "n_fn"):
                     columns[name] = ColumnInfo(name, _SPECIAL_LABELS[name], "numeric", "number", "model")
+        derived = _part_columns(store) if models else {}
+        for name in derived:
+            if name in types:
+                log.warning("image column %r is shadowed by the derived cohort column of that name", name)
+        columns.update({name: info for name, (info, _) in derived.items()})
         meta = store.meta()
         return cls(task=task, classes=classes, columns=columns, models=models,
                    image_columns=tuple(types), prediction_types=prediction_types,
                    default_score_threshold=float(meta.get("score_threshold", 0.5)),
-                   default_label_threshold=float(meta.get("label_threshold", 0.5)))
+                   default_label_threshold=float(meta.get("label_threshold", 0.5)),
+                   derived={name: source for name, (_, source) in derived.items()})
 
     def column(self, name: str, *, field_name: str | None = None) -> ColumnInfo:
         info = self.columns.get(name)
@@ -484,25 +556,61 @@ class Catalog:
             raise CohortError(f"{_show(name)} is not a class", field="class", choices=list(self.classes)) from None
 
     def frame_columns(self, with_model: bool = True) -> tuple[str, ...]:
-        """Columns of a frame: every image column, then the model's columns."""
-        shadowed = set(MODEL_COLUMNS)
-        base = tuple(c for c in self.image_columns if c not in shadowed)
+        """Columns of a frame: every image column, then the model's columns, then the derived ones
+        (those of the model's part tables only with a model)."""
+        base = tuple(c for c in self.image_columns if self.is_image_column(c))
+        derived = tuple(c for c in self.derived if with_model or not self.columns[c].needs_model)
         if not with_model:
-            return base
-        return base + tuple(c for c in MODEL_COLUMNS if c in self.columns)
+            return base + derived
+        return base + tuple(c for c in MODEL_COLUMNS if c in self.columns) + derived
+
+    def is_image_column(self, name: str) -> bool:
+        """Whether a frame reads ``name`` from the ``images`` table alone (no join)."""
+        return name in self.image_columns and name not in MODEL_COLUMNS and name not in self.derived
 
 
-_CATALOGS: "weakref.WeakKeyDictionary[Store, tuple[tuple, Catalog]]" = weakref.WeakKeyDictionary()
+def _part_columns(store: Store) -> dict[str, tuple[ColumnInfo, str]]:
+    """Cohort columns of the per-model tables written after ingest, when the store has them."""
+    out: dict[str, tuple[ColumnInfo, str]] = {}
+    if store.has_table(LABEL_QUALITY):
+        types = _column_types(store, LABEL_QUALITY)
+        if "image_id" in types and "model_id" in types:
+            for name, label in _LABEL_QUALITY_COLUMNS.items():
+                sql_type = types.get(name)
+                if sql_type is None or sql_type.endswith("]"):
+                    continue
+                values = _values_of_type(sql_type)
+                kind = {"number": "numeric", "boolean": "boolean"}.get(values, "categorical")
+                out[name] = (ColumnInfo(name, label, kind, values, "model", nan_is_null=sql_type in _FLOAT_TYPES,
+                                        param_cast=_single_precision(sql_type)), LABEL_QUALITY)
+    if store.has_table(COUNTERFACTUALS):
+        from .robustness import counterfactual_columns  # imports torch: only for stores that have the table
+
+        cast = _single_precision(_column_types(store, COUNTERFACTUALS).get("flip_strength", ""))
+        for name, label in counterfactual_columns(store):
+            out[name] = (ColumnInfo(name, label, "numeric", "number", "model", param_cast=cast), COUNTERFACTUALS)
+    return out
 
 
-def catalog_of(store: Store) -> Catalog:
-    """The store's catalog, rebuilt only when the store's files change."""
+def _image_reviews(state: "StateDB") -> tuple[tuple[int, str], ...]:
+    return tuple((int(r.target), r.status) for r in state.list_reviews(kind="image"))
+
+
+_CATALOGS: "weakref.WeakKeyDictionary[Store, tuple[tuple, Catalog, Catalog]]" = weakref.WeakKeyDictionary()
+
+
+def catalog_of(store: Store, state: "StateDB | None" = None) -> Catalog:
+    """The store's catalog with the image review statuses of ``state`` (default: the store's
+    state database), rebuilt only when the store's files change; reviews are read each call
+    (one small SQLite query), so a status set in the app shows on the next call."""
     store.refresh()
+    reviews = _image_reviews(state if state is not None else _open_state(store))
     cached = _CATALOGS.get(store)
-    if cached is not None and cached[0] == store.signature:
+    if cached is not None and cached[0] == (store.signature, reviews):
         return cached[1]
-    catalog = Catalog.from_store(store)
-    _CATALOGS[store] = (store.signature, catalog)
+    base = cached[2] if cached is not None and cached[0][0] == store.signature else Catalog.from_store(store)
+    catalog = base.with_reviews(reviews)
+    _CATALOGS[store] = ((store.signature, reviews), catalog, base)
     return catalog
 
 
@@ -534,6 +642,11 @@ def _parse_value(info: ColumnInfo, text: str, catalog: Catalog, key: str) -> obj
             if lowered in OUTCOMES:
                 return lowered
             raise CohortError(f"{_show(text)} is not an outcome", field=key, choices=list(OUTCOMES))
+        if info.values == "review":
+            lowered = text.strip().lower()
+            if lowered in _review_statuses():
+                return lowered
+            raise CohortError(f"{_show(text)} is not a review status", field=key, choices=list(_review_statuses()))
         return text
     except ValueError as exc:
         raise CohortError(str(exc), field=key) from None
@@ -899,6 +1012,46 @@ def _model_expressions(catalog: Catalog, model_id: str, iou: float, score_thresh
     return level1, level2, joins
 
 
+def _derived_expressions(store: Store, catalog: Catalog, model_id: str | None,
+                         wanted: Sequence[str]) -> tuple[dict, dict]:
+    """Level-1 expressions and joins of the wanted derived columns (``Catalog.derived``)."""
+    q = quote_identifier
+    level1: dict[str, tuple[str, list, tuple]] = {}
+    joins: dict[str, Callable[[], tuple[str, list]]] = {}
+    sources = {catalog.derived[c] for c in wanted if c in catalog.derived}
+    if LABEL_QUALITY in sources and model_id is not None:
+        joins["lq"] = lambda: _derived_join("lq", *latest_sql(LABEL_QUALITY, model_id))
+    if COUNTERFACTUALS in sources and model_id is not None:
+        def flips() -> tuple[str, list]:
+            from .robustness import counterfactual_frame_sql
+
+            sql, params, _ = counterfactual_frame_sql(store, model_id)
+            return _derived_join("cf", sql, params)
+        joins["cf"] = flips
+    if REVIEWS in sources:
+        # The statuses are the catalog's snapshot, bound as two parallel lists.
+        ids = [i for i, _ in catalog.reviews]
+        statuses = [status for _, status in catalog.reviews]
+        joins["rv"] = lambda: _derived_join(
+            "rv", f"SELECT unnest(CAST(? AS BIGINT[])) AS {q('image_id')}, "
+                  f"unnest(CAST(? AS VARCHAR[])) AS {q(REVIEW_STATUS)}", [ids, statuses])
+    alias = {LABEL_QUALITY: "lq", COUNTERFACTUALS: "cf", REVIEWS: "rv"}
+    for name in wanted:
+        source = catalog.derived.get(name)
+        if source is None or alias[source] not in joins:
+            continue
+        expr = f"{alias[source]}.{q(name)}"
+        if catalog.columns[name].nan_is_null:
+            expr = f"nullif({expr}, 'NaN')"
+        level1[name] = (expr, [], (alias[source],))
+    return level1, joins
+
+
+def _derived_join(alias: str, sql: str, params: Sequence) -> tuple[str, list]:
+    q = quote_identifier
+    return f"LEFT JOIN ({sql}) AS {alias} ON {alias}.{q('image_id')} = i.{q('image_id')}", list(params)
+
+
 def frame_sql(store: Store, model_id: str | None, *, iou: float = 0.5, score_threshold: float = 0.5,
               label_threshold: float = 0.5, columns: Sequence[str] | None = None,
               catalog: Catalog | None = None) -> tuple[str, list]:
@@ -914,13 +1067,19 @@ def frame_sql(store: Store, model_id: str | None, *, iou: float = 0.5, score_thr
 def _frame(store: Store, model_id: str | None, *, iou: float = 0.5, score_threshold: float = 0.5,
            label_threshold: float = 0.5, columns: Sequence[str] | None = None, catalog: Catalog | None = None,
            only: tuple[str, list] | None = None) -> tuple[str, list]:
-    """``frame_sql``, optionally for just the images whose ids ``only`` (a SELECT image_id) lists."""
+    """``frame_sql``, optionally for just the images whose ids ``only`` (a SELECT image_id) lists.
+
+    With ``only``, the per-image aggregates (detections, matches, flips) read only
+    those images' rows: each table of ``_PER_IMAGE_TABLES`` is shadowed by a CTE of
+    the same name holding just their rows, which the aggregates' SQL (here and in
+    ``core.matching``) then reads. A page of a big detection store costs a page.
+    """
     catalog = catalog or catalog_of(store)
     available = catalog.frame_columns(with_model=model_id is not None)
     wanted = list(dict.fromkeys(columns if columns is not None else available))
     for name in wanted:
         if name not in available:
-            if name in MODEL_COLUMNS and name in catalog.columns and model_id is None:
+            if name in catalog.columns and catalog.columns[name].needs_model and model_id is None:
                 raise CohortError(f"{name} needs a model; choose one", field="model", choices=list(catalog.models))
             raise CohortError(f"unknown column {_show(name)}", field=name, choices=list(available))
     if model_id is not None and model_id not in catalog.models:
@@ -929,11 +1088,13 @@ def _frame(store: Store, model_id: str | None, *, iou: float = 0.5, score_thresh
     model_wanted = [c for c in wanted if c in MODEL_COLUMNS]
     level1, level2, joins = (_model_expressions(catalog, model_id, iou, score_threshold, label_threshold)
                              if model_wanted else ({}, {}, {}))
+    derived1, derived_joins = _derived_expressions(store, catalog, model_id, wanted)
+    level1.update(derived1)
+    joins.update(derived_joins)
     inner: list[str] = [c for c in wanted if c not in level2]
     for name in wanted:
         inner.extend(level2.get(name, ("", ()))[1])
     inner = list(dict.fromkeys(inner))
-    sql = _Sql("SELECT ")
     used_joins: list[str] = []
     items = []
     for name in inner:
@@ -947,13 +1108,21 @@ def _frame(store: Store, model_id: str | None, *, iou: float = 0.5, score_thresh
             if info is not None and info.nan_is_null:
                 expr = f"nullif({expr}, 'NaN')"
             items.append((f"{expr} AS {q(name)}", []))
+    sql = _Sql()
+    if only is not None:
+        sql.add(f"WITH {q('vl_only')} AS MATERIALIZED ({only[0]})", only[1])
+        for table in (t for t in _PER_IMAGE_TABLES if used_joins and store.has_table(t)):
+            sql.add(f", {q(table)} AS (SELECT * FROM main.{q(table)} WHERE {q('image_id')} IN "
+                    f"(SELECT {q('image_id')} FROM {q('vl_only')}))")
+        sql.add(" ")
+    sql.add("SELECT ")
     for index, (text, params) in enumerate(items):
         sql.add((", " if index else "") + text, params)
     if only is None:
         sql.add(f" FROM {q('images')} AS i")
     else:
-        sql.add(f" FROM (SELECT i0.* FROM {q('images')} AS i0 SEMI JOIN ({only[0]}) AS o "
-                f"ON o.{q('image_id')} = i0.{q('image_id')}) AS i", only[1])
+        sql.add(f" FROM (SELECT i0.* FROM {q('images')} AS i0 SEMI JOIN {q('vl_only')} AS o "
+                f"ON o.{q('image_id')} = i0.{q('image_id')}) AS i")
     for alias in used_joins:
         join_text, join_params = joins[alias]()
         sql.add(" " + join_text, join_params)
@@ -1071,26 +1240,52 @@ def _as_cohort(cohort: Cohort | ParsedQuery) -> Cohort:
     return cohort.cohort if isinstance(cohort, ParsedQuery) else cohort
 
 
-def _where(cohort: Cohort | ParsedQuery, catalog: Catalog, state: "StateDB | None",
-           store: Store) -> tuple[_Sql, set[str]]:
+@dataclass
+class _Where:
+    """A cohort (with its saved ancestors) compiled: the condition over frame columns, the
+    columns it reads, and ``images_only``: the conjuncts that read image columns alone."""
+
+    sql: _Sql
+    needed: set[str]
+    images_only: _Sql
+
+
+def _where(cohort: Cohort | ParsedQuery, catalog: Catalog, state: "StateDB | None", store: Store) -> _Where:
     chain = [c for c in expand(_as_cohort(cohort), catalog, state, store) if not c.is_global]
     where = _Sql()
     needed: set[str] = set()
+    conjuncts: list[Cohort] = []
     for index, part in enumerate(chain):
         clause = _cohort_where(part, catalog)
         where.add((" AND " if index else "") + (f"({clause.text})" if len(chain) > 1 else clause.text),
                   clause.params)
         needed |= part.columns()
-    return where, needed
+        groups_on_images = all(catalog.is_image_column(f.column) for g in part.groups for f in g)
+        conjuncts.append(Cohort(tuple(f for f in part.filters if catalog.is_image_column(f.column)),
+                                part.groups if groups_on_images else ()))
+    images_only = _Sql()
+    for part in (c for c in conjuncts if not c.is_global):
+        clause = _cohort_where(part, catalog)
+        images_only.add((" AND " if images_only.text else "") + f"({clause.text})", clause.params)
+    return _Where(where, needed, images_only)
 
 
 def _frame_for(store: Store, catalog: Catalog, model_id: str | None, columns: Iterable[str],
-               thresholds: dict, only: tuple[str, list] | None = None) -> tuple[str, list]:
+               thresholds: dict, only: tuple[str, list] | None = None,
+               where: _Where | None = None) -> tuple[str, list]:
+    """The frame of ``columns``; for ``only``'s images, else (when ``where`` is given and the frame
+    aggregates detections or flips) for the images that pass ``where``'s image-column conjuncts:
+    the aggregates then skip images the cohort cannot hold (the caller still applies all of ``where``)."""
     needed = list(dict.fromkeys(columns))
     if model_id is None:
         missing = [c for c in needed if c in catalog.columns and catalog.columns[c].needs_model]
         if missing:
             raise CohortError(f"{missing[0]} needs a model; choose one", field="model", choices=list(catalog.models))
+    if only is None and where is not None and where.images_only.text and _aggregates(catalog, needed):
+        image_columns = sorted(c for c in where.needed if catalog.is_image_column(c))
+        images, params = _frame(store, None, columns=["image_id", *image_columns], catalog=catalog)
+        only = (f"SELECT {quote_identifier('image_id')} FROM ({images}) AS f WHERE {where.images_only.text}",
+                params + where.images_only.params)
     return _frame(store, model_id, columns=needed, catalog=catalog, only=only, **thresholds)
 
 
@@ -1136,15 +1331,15 @@ def compile_cohort(cohort: Cohort | ParsedQuery, store: Store, *, model_id: str 
                    iou: float = 0.5, score_threshold: float = 0.5, label_threshold: float = 0.5,
                    state: "StateDB | None" = None, catalog: Catalog | None = None) -> Selection:
     """``(sql, params)`` of ``SELECT image_id`` for the cohort's images (the metrics' selection)."""
-    catalog = catalog or catalog_of(store)
+    catalog = catalog or catalog_of(store, state)
     thresholds = {"iou": iou, "score_threshold": score_threshold, "label_threshold": label_threshold}
-    where, needed = _where(cohort, catalog, state, store)
-    columns = sorted(needed)
+    compiled = _where(cohort, catalog, state, store)
+    where, columns = compiled.sql, sorted(compiled.needed)
     context = {"model_id": model_id, "thresholds": thresholds, "where": where.text,
                "where_params": where.params, "columns": columns}
     if not where.text:
         return Selection(f"SELECT {quote_identifier('image_id')} FROM {quote_identifier('images')}", [], **context)
-    frame, params = _frame_for(store, catalog, model_id, ["image_id", *columns], thresholds)
+    frame, params = _frame_for(store, catalog, model_id, ["image_id", *columns], thresholds, where=compiled)
     return Selection(f"SELECT {quote_identifier('image_id')} FROM ({frame}) AS f WHERE {where.text}",
                      params + where.params, **context)
 
@@ -1171,6 +1366,68 @@ def _count_arg(value: int | None, name: str) -> int | None:
     return int(value)
 
 
+FIRST_WINDOW = 1024  # images a windowed page looks at first (``_windowed_page``)
+
+
+def _aggregates(catalog: Catalog, columns: Iterable[str]) -> bool:
+    """Whether a frame of ``columns`` aggregates many rows per image (detections, matches, flips),
+    the cost a windowed page saves; classification columns are one joined row per image."""
+    return any((c in MODEL_COLUMNS and catalog.task == "detection") or catalog.derived.get(c) == COUNTERFACTUALS
+               for c in columns)
+
+
+def _windowed_page(store: Store, catalog: Catalog, model_id: str | None, thresholds: dict, compiled: _Where,
+                   wanted: list[str], order: list[tuple[str, bool]], limit: int, offset: int) -> pd.DataFrame:
+    """A page sorted by image columns of a cohort that filters on joined columns (e.g. the grid's
+    ``outcome``), from the first images in sort order alone.
+
+    The cohort's rows in sort order are the images in that order that pass its filter, so
+    the first ``offset + limit`` of them lie among the first images in that order (those
+    passing the image-column conjuncts): the frame aggregates a window of those, and
+    widens it (by the share of matches seen) until it holds the page or every image.
+    """
+    q = quote_identifier
+    order_names = [n for n, _ in order]
+
+    def terms(prefix: str) -> str:
+        return ", ".join(f"{prefix}{q(n)} {'DESC' if d else 'ASC'} NULLS LAST" for n, d in order)
+
+    image_columns = sorted({*order_names, *(c for c in compiled.needed if catalog.is_image_column(c))} - {"image_id"})
+    images, image_params = _frame(store, None, columns=["image_id", *image_columns], catalog=catalog)
+    window_where = f" WHERE {compiled.images_only.text}" if compiled.images_only.text else ""
+    frame, frame_params = _frame(store, model_id, columns=list(dict.fromkeys(
+        ["image_id", *wanted, *sorted(compiled.needed), *order_names])), catalog=catalog,
+        only=(f"SELECT {q('image_id')} FROM vl_window", []), **thresholds)
+    n_window, n_matched = (name + "_" * next(k for k in range(len(wanted) + 1) if name + "_" * k not in wanted)
+                           for name in ("vl_window", "vl_matched"))
+    page_columns = list(dict.fromkeys([*wanted, *order_names]))
+    sql = (f"WITH vl_window AS MATERIALIZED (SELECT {q('image_id')} FROM ({images}) AS f{window_where} "
+           f"ORDER BY {terms('')} LIMIT ?), "
+           f"vl_matches AS MATERIALIZED (SELECT {', '.join(q(c) for c in page_columns)} FROM ({frame}) AS f "
+           f"WHERE {compiled.sql.text}), "
+           f"vl_page AS (SELECT * FROM vl_matches ORDER BY {terms('')} LIMIT ? OFFSET ?) "
+           f"SELECT {', '.join('p.' + q(c) for c in wanted)}, s.{q(n_window)}, s.{q(n_matched)} "
+           f"FROM (SELECT (SELECT count(*) FROM vl_window) AS {q(n_window)}, "
+           f"(SELECT count(*) FROM vl_matches) AS {q(n_matched)}) AS s "
+           f"LEFT JOIN vl_page AS p ON true ORDER BY {terms('p.')}")
+    size = max(FIRST_WINDOW, 2 * (offset + limit))
+    while True:
+        params = [*image_params, *compiled.images_only.params, size, *frame_params, *compiled.sql.params,
+                  limit, offset]
+        result = store.query(sql, params)
+        window, matched = int(result[n_window].iloc[0]), int(result[n_matched].iloc[0])
+        if matched >= offset + limit or window < size:
+            break
+        size = max(2 * size, math.ceil(size * (offset + limit) / max(matched, 1) * 1.25))
+    if matched > offset:
+        return result.iloc[:min(matched - offset, limit)].drop(columns=[n_window, n_matched])
+    # Past the last row the LEFT JOIN gave one row of NULLs (and the counts): the empty page,
+    # with the column types a page with rows has, is the frame of no image.
+    empty, empty_params = _frame(store, model_id, columns=wanted, catalog=catalog,
+                                 only=(f"SELECT {q('image_id')} FROM {q('images')} WHERE false", []), **thresholds)
+    return store.query(empty, empty_params)
+
+
 def cohort_rows(store: Store, cohort: Cohort | ParsedQuery, model_id: str | None, *, iou: float = 0.5,
                 score_threshold: float = 0.5, label_threshold: float = 0.5,
                 columns: Sequence[str] | None = None, order_by: str | Sequence[str] | None = None,
@@ -1182,13 +1439,14 @@ def cohort_rows(store: Store, cohort: Cohort | ParsedQuery, model_id: str | None
     or list of columns, ``-name`` for descending (missing values last, ties by
     image id); ``limit``/``offset`` page through the result.
     """
-    catalog = catalog or catalog_of(store)
+    catalog = catalog or catalog_of(store, state)
     available = catalog.frame_columns(with_model=model_id is not None)
     wanted = list(dict.fromkeys(columns if columns is not None else available))
     if not wanted:
         raise CohortError("choose at least one column", field="columns", choices=list(available))
     order = _order_terms(order_by, available)
-    where, needed = _where(cohort, catalog, state, store)
+    compiled = _where(cohort, catalog, state, store)
+    where, needed = compiled.sql, compiled.needed
     thresholds = {"iou": iou, "score_threshold": score_threshold, "label_threshold": label_threshold}
     limit, offset = _count_arg(limit, "limit"), _count_arg(offset, "offset")
     q = quote_identifier
@@ -1199,7 +1457,8 @@ def cohort_rows(store: Store, cohort: Cohort | ParsedQuery, model_id: str | None
 
     # The page's image ids first, from only the columns that filter and sort; then the
     # wanted columns for those rows alone (a deep page of a big cohort sorts narrow rows).
-    keys, key_params = _frame_for(store, catalog, model_id, ["image_id", *sorted(needed), *order_names], thresholds)
+    keys, key_params = _frame_for(store, catalog, model_id, ["image_id", *sorted(needed), *order_names], thresholds,
+                                  where=compiled)
     page = _Sql(f"SELECT {', '.join(q(c) for c in dict.fromkeys(['image_id', *order_names]))} "
                 f"FROM ({keys}) AS f", key_params)
     if where.text:
@@ -1210,7 +1469,8 @@ def cohort_rows(store: Store, cohort: Cohort | ParsedQuery, model_id: str | None
     if offset:
         page.add(" OFFSET ?", [offset])
     if limit is None:
-        frame, params = _frame_for(store, catalog, model_id, [*wanted, *sorted(needed), *order_names], thresholds)
+        frame, params = _frame_for(store, catalog, model_id, [*wanted, *sorted(needed), *order_names], thresholds,
+                                   where=compiled)
         sql = _Sql(f"SELECT {', '.join(q(c) for c in wanted)} FROM ({frame}) AS f", params)
         if where.text:
             sql.add(f" WHERE {where.text}", where.params)
@@ -1218,6 +1478,8 @@ def cohort_rows(store: Store, cohort: Cohort | ParsedQuery, model_id: str | None
         if offset:
             sql.add(" OFFSET ?", [offset])
         return store.query(sql.text, sql.params)
+    if all(catalog.is_image_column(n) for n in order_names) and _aggregates(catalog, needed):
+        return _windowed_page(store, catalog, model_id, thresholds, compiled, wanted, order, limit, offset or 0)
     frame, params = _frame_for(store, catalog, model_id, ["image_id", *wanted], thresholds,
                                only=(f"SELECT {q('image_id')} FROM pg", []))
     sql = _Sql(f"WITH pg AS MATERIALIZED ({page.text}) SELECT {', '.join('f.' + q(c) for c in wanted)} "
@@ -1282,7 +1544,7 @@ def cohort_summary(store: Store | str, query: str | Mapping[str, object], model_
     """
     if not isinstance(store, Store):
         store = Store(store)
-    catalog = catalog_of(store)
+    catalog = catalog_of(store, state)
     parsed = parse_query(query, catalog)
     model = model_id or parsed.view.model or (catalog.models[0] if catalog.models else None)
     if model is not None and model not in catalog.models:

@@ -2,8 +2,9 @@
 
 Overlays are computed in torch, batched (on the GPU when present): each map is normalised,
 upsampled bilinearly to its image's size, looked up in a 256-entry colour table and alpha
-blended over the image; the results are encoded as JPEG or PNG by Pillow (faster here than
-torchvision's encoders, which are deprecated). Normalisation, per map:
+blended over the image; the results are encoded as JPEG by Pillow (faster here than
+torchvision's encoders, which are deprecated) or as PNG by ``png_bytes`` (see there).
+Normalisation, per map:
 
 - ``signed=True``: ``v / q`` clipped to [-1, 1], centred on the table's middle colour, with
   ``q`` the ``clip_percentile`` of |v| (so a few extreme pixels do not wash the map out);
@@ -18,6 +19,8 @@ RdBu (11 anchors, linearly interpolated as matplotlib does); matplotlib is not n
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -53,9 +56,14 @@ _RDBU_ANCHORS = ("67001f", "b2182b", "d6604d", "f4a582", "fddbc7", "f7f7f7",
 # (fn, gt) are drawn dashed, predictions solid.
 STATUS_COLORS = {"tp": "#009E73", "fp": "#D55E00", "fn": "#0072B2", "gt": "#56B4E9", "pred": "#CC79A7"}
 GROUND_TRUTH_STATUSES = ("fn", "gt")
-# Overlays are transient (app, report): zlib level 1 encodes several times faster than
-# Pillow's default 6, for files about a third larger.
-PNG_COMPRESS_LEVEL = 1
+# PNG settings for overlays, which are transient (app, report): every row "Up"-filtered and
+# deflated with zlib's run-length strategy, about 3x faster than Pillow at compress_level 1
+# (whose per-row adaptive filter choice dominates its time) for files of about the same size
+# on photographs; see ``png_bytes``.
+PNG_FILTER_UP = 2
+PNG_ZLIB_LEVEL = 1
+PNG_ZLIB_STRATEGY = zlib.Z_RLE
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _hex_rows(text: str) -> np.ndarray:
@@ -101,9 +109,14 @@ def _as_array(image) -> np.ndarray:
 
 
 def _percentile(values: torch.Tensor, percentile: float) -> torch.Tensor:
-    # Nearest-rank percentile per row (torch.quantile refuses inputs over 2**24 values).
+    # Nearest-rank percentile per row (torch.quantile refuses inputs over 2**24 values). Both
+    # branches select the same element; on the CPU numpy's introselect is about 10x faster
+    # than torch.kthvalue.
     rank = min(values.shape[1], max(1, int(np.ceil(percentile / 100.0 * values.shape[1]))))
-    return torch.kthvalue(values, rank, dim=1, keepdim=True).values
+    if values.device.type != "cpu":
+        return torch.kthvalue(values, rank, dim=1, keepdim=True).values
+    selected = np.partition(values.numpy(), rank - 1, axis=1)[:, rank - 1:rank]
+    return torch.from_numpy(np.ascontiguousarray(selected))
 
 
 def normalise(maps: torch.Tensor, *, signed: bool, clip_percentile: float) -> torch.Tensor:
@@ -171,6 +184,8 @@ def render_overlays(images: Sequence | np.ndarray, maps: Sequence | np.ndarray, 
     _check_format(fmt)
     blended = blend(images, maps, alpha=alpha, cmap=cmap, signed=signed,
                     clip_percentile=clip_percentile, device=device)
+    if fmt == "png":
+        return [png_bytes(b.numpy()) for b in blended]
     return [encode(Image.fromarray(b.numpy()), fmt, quality) for b in blended]
 
 
@@ -266,12 +281,41 @@ def draw_boxes(image, boxes: pd.DataFrame) -> Image.Image:
     return canvas
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """Lossless PNG of a uint8 RGB (H, W, 3) array, written directly.
+
+    One filter for every row ("Up": each byte minus the byte above, modulo 256; one
+    vectorised subtraction) instead of Pillow's per-row search over five filters, and zlib's
+    run-length strategy, which only looks for repeats of the previous byte: filtered
+    photographs are mostly runs of small differences, so this compresses about as well as
+    Pillow's level 1 at a third of the time. Any PNG decoder reads the result.
+    """
+    array = _as_array(pixels)
+    height, width, _ = array.shape
+    rows = array.reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), np.uint8)
+    filtered[:, 0] = PNG_FILTER_UP
+    filtered[0, 1:] = rows[0]  # the row above the first is all zeros
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
+    deflate = zlib.compressobj(PNG_ZLIB_LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, 9, PNG_ZLIB_STRATEGY)
+    data = deflate.compress(filtered.data) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data)
+            + _png_chunk(b"IEND", b""))
+
+
 def encode(image: Image.Image, fmt: str = "jpeg", quality: int = 90) -> bytes:
-    """PIL image → JPEG / PNG bytes."""
+    """PIL image → JPEG / PNG bytes (RGB PNGs through ``png_bytes``, other modes by Pillow)."""
     _check_format(fmt)
+    if fmt == "png" and image.mode == "RGB":
+        return png_bytes(np.asarray(image))
     buffer = io.BytesIO()
     if fmt == "jpeg":
         image.save(buffer, format="JPEG", quality=quality)
     else:
-        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        image.save(buffer, format="PNG")
     return buffer.getvalue()

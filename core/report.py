@@ -5,8 +5,10 @@ the dataset (size, classes, metadata distributions), the model, headline
 metrics against the targets the user sets (met / not met), metrics per cohort
 and per feature group with fairlearn's between-groups difference and ratio,
 the top error slices (``core.slices``), sample errors with their explanation
-overlays (or, without explanations, with boxes / labels drawn), and the
-comparison with a baseline when one is given (``core.compare``).
+overlays (or, without explanations, with boxes / labels drawn), the
+comparison with a baseline when one is given (``core.compare``), and the
+review status and notes people left on images and saved cohorts (the
+store's state database, ``core.state``; read only).
 ``render_pdf(card, path)`` lays it out with fpdf2 in a core font (no font
 files, no downloads); charts are Altair specs (``core.report_charts``)
 rendered to PNG by vl-convert. ``build_report`` does both.
@@ -36,6 +38,7 @@ from .compare import (LOWER_IS_BETTER, ComparisonResult, check_models, compare_m
                       parse_named)
 from .errors import EvalError
 from .slices import Slice, find_slices
+from .state import STATUSES, StateDB
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ _METRIC_WORDS = {"mAP": "AP at IoU", "AP": "AP (IoU .50:.95)", "exact_match": "E
 MAX_FEATURES = 4  # feature-group sections in the scorecard
 MAX_GROUP_VALUES = 12  # a categorical column with more values is not a readable group chart
 SAMPLE_SIDE = 320  # px, longest side of a sample image in the PDF (about 42 mm wide there)
+MAX_REVIEW_ROWS = 60  # review notes listed in the PDF (all are counted)
 
 
 def metric_label(name: str) -> str:
@@ -108,6 +112,18 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class ReviewNote:
+    """The review status and note of one image or one saved cohort."""
+
+    kind: str  # image | cohort
+    target: int  # image id or saved cohort id
+    name: str  # "Image 12", or the saved cohort's name
+    status: str  # open | reviewed | fixed
+    note: str
+    updated: str  # ISO time, UTC
+
+
+@dataclass(frozen=True)
 class Scorecard:
     """Everything the PDF shows, computed from the store."""
 
@@ -130,10 +146,18 @@ class Scorecard:
     samples: tuple[Sample, ...]
     comparison: ComparisonResult | None = None
     baseline_name: str | None = None
+    reviews: tuple[ReviewNote, ...] = ()
 
     @property
     def primary(self) -> tuple[str, ...]:
         return PRIMARY_METRICS[self.task]
+
+    def review_counts(self) -> dict[str, dict[str, int]]:
+        """kind → status → how many images / saved cohorts have that review status."""
+        counts = {kind: dict.fromkeys(STATUSES, 0) for kind in ("cohort", "image")}
+        for review in self.reviews:
+            counts[review.kind][review.status] += 1
+        return counts
 
 
 def parse_targets(items: dict[str, float] | None, task: str) -> dict[str, float]:
@@ -340,6 +364,21 @@ def _samples(store: Store, catalog: Catalog, model_id: str, thresholds: dict, to
     return tuple(out)
 
 
+def _review_notes(store: Store) -> tuple[ReviewNote, ...]:
+    """Reviews that say something (a status past "open" or a note): saved cohorts first, then images
+    by id. The state database is only read (without one there is nothing to list)."""
+    state = StateDB.for_store(store.paths.base)
+    cohorts = {c.id: c.name for c in state.list_cohorts()}
+    notes = []
+    for review in state.list_reviews():
+        if review.status == "open" and not review.note.strip():
+            continue
+        name = cohorts[review.target] if review.kind == "cohort" else f"Image {review.target}"
+        notes.append(ReviewNote(review.kind, int(review.target), name, review.status, review.note.strip(),
+                                review.updated_at))
+    return tuple(sorted(notes, key=lambda r: (r.kind != "cohort", r.target)))
+
+
 def _model_info(store: Store, model_id: str) -> dict:
     row = store.query('SELECT model_id, name, params FROM "models" WHERE model_id = ?', [model_id]).iloc[0]
     try:
@@ -393,7 +432,8 @@ def scorecard(store: Store | str, *, cohorts: Sequence[tuple[str, str]] | None =
         groups=_feature_groups(store, catalog, model_id, _group_features(store, catalog, features), thresholds),
         overall_error_rate=overall_error, slices=slices,
         samples=_samples(store, catalog, model_id, thresholds, slices[0] if slices else None, n_samples),
-        comparison=comparison, baseline_name=_model_info(store, baseline)["name"] if comparison else None)
+        comparison=comparison, baseline_name=_model_info(store, baseline)["name"] if comparison else None,
+        reviews=_review_notes(store))
 
 
 # --------------------------------------------------------------------------- PDF
@@ -818,6 +858,26 @@ def _comparison_section(doc: _Layout, card: Scorecard) -> None:
                   width_mm=doc.width * 0.85)
 
 
+def _reviews_section(doc: _Layout, card: Scorecard) -> None:
+    doc.section("Review notes", "Status (open, reviewed, fixed) and notes left on images and saved cohorts in "
+                                "VisionLens (label review page, flyout). Only entries with a status past open or "
+                                "a note are listed.", space=30)
+    if not card.reviews:
+        doc.text("No image or saved cohort has been reviewed yet.", color=_MUTED)
+        return
+    counts = card.review_counts()
+    doc.text("; ".join(f"{kind}s: " + ", ".join(f"{counts[kind][s]:,} {s}" for s in STATUSES)
+                       for kind in ("cohort", "image")), size=8.5)
+    rows = [[r.kind, r.name, r.status, r.note or "-", r.updated[:16].replace("T", " ")]
+            for r in card.reviews[:MAX_REVIEW_ROWS]]
+    colors = {(i, 2): _GREEN for i, r in enumerate(card.reviews[:MAX_REVIEW_ROWS]) if r.status == "fixed"}
+    doc.table(["Kind", "Image / cohort", "Status", "Note", "Updated (UTC)"], rows, [14, 36, 16, 84, 26],
+              align=["LEFT", "LEFT", "LEFT", "LEFT", "LEFT"], colors=colors)
+    if len(card.reviews) > MAX_REVIEW_ROWS:
+        doc.text(f"{len(card.reviews) - MAX_REVIEW_ROWS:,} more reviewed entries are not listed.", size=8,
+                 color=_MUTED)
+
+
 def pdf_bytes(card: Scorecard) -> bytes:
     """The scorecard as A4 PDF bytes (for a download button: nothing written to disk)."""
     doc = _Layout(f"Scorecard  |  {card.model['name']} on {card.store}  |  {card.created}")
@@ -830,6 +890,7 @@ def pdf_bytes(card: Scorecard) -> bytes:
     _groups_section(doc, card)
     _slices_section(doc, card)
     _samples_section(doc, card)
+    _reviews_section(doc, card)
     _comparison_section(doc, card)
     return bytes(doc.pdf.output())
 

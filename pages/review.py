@@ -1,4 +1,5 @@
-"""Label review: likely label errors to triage, the embedding map (select → cohort), near-duplicate pairs."""
+"""Label review: likely label errors to triage, notes on saved cohorts, the embedding map (select → cohort),
+near-duplicate pairs."""
 
 import streamlit as st
 
@@ -9,8 +10,11 @@ st.header("Label review")
 if view.model_id is None:
     st.info("Label review needs a model's predictions; this store has none yet.", icon=":material/rule:")
     st.stop()
-mode = nav.view_switch(view, {"labels": "Flagged labels", "map": "Embedding map", "duplicates": "Near duplicates"})
-if mode == "map":
+mode = nav.view_switch(view, {"labels": "Flagged labels", "cohorts": "Cohort notes", "map": "Embedding map",
+                              "duplicates": "Near duplicates"})
+if mode == "cohorts":
+    review_views.cohort_notes(view)
+elif mode == "map":
     review_views.embedding_map(view)
 elif mode == "duplicates":
     review_views.near_duplicates(view)

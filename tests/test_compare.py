@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score, hamming_loss
 
 from core.cohorts import catalog_of, cohort_count, parse_query
@@ -16,17 +15,6 @@ from core.errors import CohortError, EvalError
 from core.ingest.build import Dataset, ModelRun, build_store
 from core.state import StateDB
 from core.store import Store, write_part
-
-
-def write_images(folder, n, size=(32, 32)):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    uris = []
-    for i in range(n):
-        path = folder / f"im{i}.png"
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-        uris.append(str(path))
-    return uris
 
 
 # true:      a a a a b b b b      (site x for the first four)
@@ -44,9 +32,9 @@ def one_hot(labels, n_classes=2):
 
 
 @pytest.fixture(scope="module")
-def multiclass(tmp_path_factory):
+def multiclass(tmp_path_factory, write_images):
     folder = tmp_path_factory.mktemp("mc")
-    images = pd.DataFrame({"image_id": np.arange(8), "uri": write_images(folder / "img", 8), "true_label": TRUE,
+    images = pd.DataFrame({"image_id": np.arange(8), "uri": write_images(folder / "img", 8, (32, 32)), "true_label": TRUE,
                            "site": ["x"] * 4 + ["y"] * 4})
     report = build_store(folder / "mc.duckdb", Dataset("mc", "multiclass", ["a", "b"], images),
                          [ModelRun("base", "Baseline", {}, one_hot(BASELINE)),
@@ -114,9 +102,9 @@ def test_bad_input(multiclass):
         compare_models(multiclass, "base", "cand", cohorts=[("bad", "nope__eq=1")])
 
 
-def test_model_of_another_task(tmp_path):
+def test_model_of_another_task(tmp_path, write_images):
     folder = tmp_path
-    images = pd.DataFrame({"image_id": np.arange(8), "uri": write_images(folder / "img", 8), "true_label": TRUE})
+    images = pd.DataFrame({"image_id": np.arange(8), "uri": write_images(folder / "img", 8, (32, 32)), "true_label": TRUE})
     report = build_store(folder / "t.duckdb", Dataset("t", "multiclass", ["a", "b"], images),
                          [ModelRun("base", "Baseline", {}, one_hot(BASELINE))])
     write_part(report.path, "models", pd.DataFrame({"model_id": ["det"], "name": ["detector"],
@@ -147,9 +135,9 @@ ML_CAND = [[0.9, 0.6, 0.1], [0.8, 0.7, 0.1], [0.1, 0.1, 0.6], [0.1, 0.1, 0.1]]
 
 
 @pytest.fixture(scope="module")
-def multilabel(tmp_path_factory):
+def multilabel(tmp_path_factory, write_images):
     folder = tmp_path_factory.mktemp("ml")
-    images = pd.DataFrame({"image_id": np.arange(4), "uri": write_images(folder / "img", 4),
+    images = pd.DataFrame({"image_id": np.arange(4), "uri": write_images(folder / "img", 4, (32, 32)),
                            "true_label": ML_TRUE})
 
     def run(model_id, probs):
@@ -187,9 +175,9 @@ def test_multilabel_at_live_threshold(multilabel, threshold, new, fixed, btc):
 
 
 @pytest.fixture(scope="module")
-def detection(tmp_path_factory):
+def detection(tmp_path_factory, write_images):
     folder = tmp_path_factory.mktemp("det")
-    images = pd.DataFrame({"image_id": np.arange(4), "uri": write_images(folder / "img", 4),
+    images = pd.DataFrame({"image_id": np.arange(4), "uri": write_images(folder / "img", 4, (32, 32)),
                            "true_label": [[]] * 4})
     gt = pd.DataFrame({"image_id": [0, 1, 1, 3], "gt_id": [0, 1, 2, 3], "class_id": [0, 0, 1, 1],
                        "xmin": [0, 0, 15, 5], "ymin": [0, 0, 15, 5], "xmax": [10, 10, 30, 20],

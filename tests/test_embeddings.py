@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from sklearn.decomposition import PCA
 
+from app.review_views import brushed_ids
 from core.embeddings import (DUPLICATES_TABLE, EMBEDDINGS_TABLE, compute_embeddings, embeddings_main, last_linear,
                              near_duplicates, pca_2d, penultimate_features)
 from core.errors import EvalError
@@ -182,7 +183,79 @@ def test_review_page(store_path, monkeypatch):
     at = page(None, "sure")
     first = int(flagged.loc[flagged["label_issue"]].sort_values(["label_quality_score", "image_id"])["image_id"].iloc[0])
     assert next(m.value for m in at.markdown if m.value.startswith("**Image ")).startswith(f"**Image {first}**")
-    at.text_input(key=f"vl_review_n_{first}").set_value("relabel as b").run()
-    at.segmented_control(key=f"vl_review_s_{first}").set_value("fixed").run()
+    at.text_input(key=f"vl_review_image_n_{first}").set_value("relabel as b").run()
+    at.segmented_control(key=f"vl_review_image_s_{first}").set_value("fixed").run()
     review = StateDB.for_store(store_path).get_review("image", first)
     assert (review.status, review.note) == ("fixed", "relabel as b")
+
+
+def test_brushed_ids_are_the_points_inside_the_rectangle():
+    points = pd.DataFrame({"image_id": [7, 3, 5, 1], "x": [0.0, 1.0, 2.0, 3.0], "y": [0.0, 1.0, 1.5, 5.0]})
+    assert brushed_ids(points, None) is None and brushed_ids(points, {}) is None
+    assert brushed_ids(points, {"x": [0, 3]}) is None  # a band, not yet a rectangle
+    assert brushed_ids(points, {"x": [2.0, 1.0], "y": [0.5, 1.5]}) == [3, 5]  # edges included, either order
+    assert brushed_ids(points, {"x": [-1, 4], "y": [-1, 6]}) == [1, 3, 5, 7]
+    assert brushed_ids(points, {"x": [10, 11], "y": [0, 1]}) == []
+
+
+def test_map_selection_becomes_a_saved_cohort_opened_in_the_explorer(store_path, monkeypatch):
+    """A rectangle on the map (the selection state Streamlit's frontend reports) lists its images;
+    saving them opens the explorer on ?cohort=<id>, a saved cohort of exactly those images."""
+    from core.cohorts import catalog_of, cohort_rows, parse_query
+    from core.state import StateDB
+    from e2e.harness import open_app, served_navigation
+
+    monkeypatch.setenv("VISIONLENS_DATA", str(store_path.parent))
+    points, _ = compute_embeddings(store_path, "m", device="cpu")
+    x0, x1 = float(points["x"].min()), float(points["x"].median())
+    y0, y1 = float(points["y"].min()), float(points["y"].quantile(0.75))
+    inside = points["x"].between(x0, x1) & points["y"].between(y0, y1)
+    expected = sorted(points.loc[inside, "image_id"].astype(int).tolist())
+    assert 0 < len(expected) < len(points)
+    with served_navigation():
+        at = open_app("store=emb&model=m&view=map", page="pages/review.py")
+        assert any("Drag a rectangle" in c.value for c in at.caption)
+        at.session_state["vl_review_map"] = {"selection": {"brush": {"x": [x1, x0], "y": [y0, y1]}}}
+        at.run()
+        assert f"**{len(expected)}** images selected" in [m.value for m in at.markdown]
+        assert at.button(key="vl_review_save").disabled  # a cohort needs a name
+        at.text_input(key="vl_review_cohort_name").set_value("lower left").run()
+        at.button(key="vl_review_save").click().run()
+        assert not at.exception, [e.message for e in at.exception]
+    saved = [c for c in StateDB.for_store(store_path).list_cohorts() if c.name == "lower left"]
+    assert len(saved) == 1 and saved[0].description == "selected on the embedding map"
+    assert at.query_params["cohort"] == str(saved[0].id)
+    assert [h.value for h in at.header] == ["Data explorer"]
+    store = Store(store_path)
+    try:
+        catalog = catalog_of(store)
+        rows = cohort_rows(store, parse_query(f"cohort={saved[0].id}", catalog), "m", columns=["image_id"],
+                           catalog=catalog)
+    finally:
+        store.close()
+    assert sorted(rows["image_id"].astype(int).tolist()) == expected
+
+
+def test_saved_cohorts_get_a_review_status_and_note(store_path, monkeypatch):
+    from core.state import StateDB
+    from e2e.harness import open_app, served_navigation
+
+    monkeypatch.setenv("VISIONLENS_DATA", str(store_path.parent))
+    state = StateDB.for_store(store_path)
+    for cohort in state.list_cohorts():  # other tests of this module may have saved some
+        state.delete_cohort(cohort.id, children="cascade")
+    with served_navigation():
+        at = open_app("store=emb&model=m&view=cohorts", page="pages/review.py")
+        assert any("No saved cohorts yet" in i.value for i in at.info)
+        first = state.create_cohort("first ten", image_ids=range(10))
+        second = state.create_cohort("duplicates", image_ids=[5, 12], description="copies of one picture")
+        at.run()
+        assert any("**2** saved cohorts" in c.value for c in at.caption)
+        assert any(m.value.startswith("**duplicates** (#") and "copies of one picture" in m.value
+                   for m in at.markdown)
+        at.text_input(key=f"vl_review_cohort_n_{second.id}").set_value("drop #12").run()
+        at.segmented_control(key=f"vl_review_cohort_s_{second.id}").set_value("fixed").run()
+        assert not at.exception, [e.message for e in at.exception]
+    review = state.get_review("cohort", second.id)
+    assert (review.status, review.note) == ("fixed", "drop #12")
+    assert state.get_review("cohort", first.id) is None  # untouched cohorts get no review row

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from core.errors import VisionLensError
-from core.heatmap import (COLORMAPS, STATUS_COLORS, blend, box_caption, colormap, draw_boxes, normalise,
-                          overlay, render_overlays)
+from core.heatmap import (COLORMAPS, STATUS_COLORS, blend, box_caption, colormap, draw_boxes, encode,
+                          normalise, overlay, png_bytes, render_overlays)
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -49,6 +49,58 @@ def test_normalise_signed_and_unsigned():
     np.testing.assert_allclose(offset.numpy(), [[[0.0, 0.25], [0.5, 1.0]]])  # D-RISE-like floor removed
     clipped = normalise(torch.arange(100.0).reshape(1, 10, 10), signed=False, clip_percentile=50.0)
     assert float(clipped.reshape(-1)[49]) == 1.0 and float(clipped.reshape(-1)[99]) == 1.0
+
+
+def test_percentile_clip_is_the_nearest_rank_value_like_kthvalue():
+    values = torch.from_numpy(np.random.default_rng(3).normal(size=(3, 1000)).astype(np.float32))
+    for percentile in (1.0, 50.0, 99.0, 99.95, 100.0):
+        rank = int(np.ceil(percentile / 100.0 * 1000))
+        top = torch.kthvalue(values.abs(), rank, dim=1).values
+        got = normalise(values.reshape(3, 25, 40), signed=True, clip_percentile=percentile).reshape(3, -1)
+        expected = (values / top[:, None]).clamp(-1.0, 1.0) * 0.5 + 0.5
+        np.testing.assert_array_equal(got.numpy(), expected.numpy())
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (9, 1), (24, 40), (113, 67)])
+def test_png_bytes_decode_to_the_same_pixels(shape):
+    rng = np.random.default_rng(sum(shape))
+    noise = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+    ramp = (np.arange(shape[0] * shape[1] * 3).reshape(shape + (3,)) * 37 % 256).astype(np.uint8)
+    for pixels in (noise, ramp, np.zeros(shape + (3,), np.uint8), np.full(shape + (3,), 255, np.uint8)):
+        data = png_bytes(pixels)
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        decoded = Image.open(io.BytesIO(data))
+        decoded.load()  # checks every chunk's CRC and the zlib stream
+        assert decoded.mode == "RGB" and decoded.size == (shape[1], shape[0])
+        np.testing.assert_array_equal(np.asarray(decoded), pixels)
+
+
+def test_png_overlays_decode_to_the_blended_pixels_and_stay_compact():
+    import skimage.data
+
+    photo = skimage.data.chelsea()
+    field = np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32)
+    blended = blend([photo], [field], signed=True, cmap="RdBu_r")[0].numpy()
+    data = render_overlays([photo], [field], signed=True, cmap="RdBu_r", fmt="png")[0]
+    np.testing.assert_array_equal(decode(data), blended)
+    pillow = io.BytesIO()
+    Image.fromarray(blended).save(pillow, format="PNG", compress_level=1)
+    assert len(data) < 1.1 * len(pillow.getvalue())  # no bigger than Pillow's fast setting
+    assert len(data) < 0.8 * blended.nbytes  # and really compressed
+
+
+def test_encode_keeps_pixels_for_rgb_and_other_modes():
+    rgb = Image.fromarray(picture())
+    np.testing.assert_array_equal(decode(encode(rgb, "png")), picture())
+    rgba = Image.fromarray(np.dstack([picture(), np.full((24, 40), 7, np.uint8)]), "RGBA")
+    again = Image.open(io.BytesIO(encode(rgba, "png")))
+    assert again.mode == "RGBA"
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(rgba))
+    assert encode(rgb, "jpeg")[:2] == b"\xff\xd8"
+    with pytest.raises(VisionLensError, match="unknown format"):
+        encode(rgb, "gif")
+    with pytest.raises(VisionLensError, match="uint8 RGB"):
+        png_bytes(np.zeros((4, 4), np.uint8))
 
 
 def test_alpha_zero_keeps_the_image_and_alpha_one_shows_the_colours():

@@ -29,17 +29,6 @@ N = 80
 CLASSES = ["cat", "dog", "bird"]
 
 
-def write_images(folder, n, size=(24, 24)):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    uris = []
-    for i in range(n):
-        path = folder / f"im{i}.png"
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-        uris.append(str(path))
-    return uris
-
-
 def one_hot(labels):
     probs = np.full((len(labels), len(CLASSES)), 0.1, np.float32)
     probs[np.arange(len(labels)), labels] = 0.8
@@ -47,7 +36,7 @@ def one_hot(labels):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, write_images):
     """Site B is hard for the candidate (half wrong), site A nearly right; the baseline is worse on A."""
     folder = tmp_path_factory.mktemp("report")
     rng = np.random.default_rng(1)
@@ -136,7 +125,7 @@ def test_pdf_sections_and_page_one_png(card, tmp_path):
         assert page.width > 800 and np.asarray(page.convert("L")).min() < 60  # drawn, not blank
 
 
-def test_detection_scorecard_draws_boxes(tmp_path):
+def test_detection_scorecard_draws_boxes(tmp_path, write_images):
     images = pd.DataFrame({"image_id": np.arange(3), "uri": write_images(tmp_path / "img", 3, (40, 40)),
                            "true_label": [[]] * 3})
     gt = pd.DataFrame({"image_id": [0, 1, 2], "gt_id": [0, 1, 2], "class_id": [0, 1, 0], "xmin": [2, 5, 10],
@@ -190,3 +179,42 @@ def test_charts_render_their_text():
 def test_plain_text_for_core_fonts():
     assert plain("0.2 ≤ Brightness < 0.4 − x → y") == "0.2 <= Brightness < 0.4 - x -> y"
     assert plain("日本") == "??"
+
+
+def test_review_notes_are_listed_and_counted(tmp_path, write_images):
+    from core.state import StateDB
+
+    n = 12
+    true = np.arange(n) % 3
+    images = pd.DataFrame({"image_id": np.arange(n), "uri": write_images(tmp_path / "img", n), "true_label": true})
+    path = build_store(tmp_path / "notes.duckdb", Dataset("notes", "multiclass", CLASSES, images),
+                       [ModelRun("m", "Net", {}, one_hot((true + (np.arange(n) % 4 == 0)) % 3))]).path
+    empty = scorecard(path, n_samples=0)
+    assert empty.reviews == ()
+    assert not StateDB.for_store(path).path.exists()  # reading the notes created no state database
+    out = render_pdf(empty, tmp_path / "empty.pdf")
+    assert "No image or saved cohort has been reviewed yet." in pdf_text(out)
+
+    state = StateDB.for_store(path)
+    dark = state.create_cohort("Dark images", image_ids=[1, 2, 3])
+    other = state.create_cohort("Untouched", image_ids=[4])
+    state.set_review("cohort", dark.id, status="reviewed", note="labels checked ≥ twice")
+    state.set_review("cohort", other.id, status="open")  # says nothing: not listed
+    state.set_review("image", 7, status="fixed", note="was a bird")
+    state.set_review("image", 2, status="reviewed")
+    state.set_review("image", 5, note="blurry, keep an eye on it")
+    state.set_review("image", 9, status="open", note="  ")  # says nothing: not listed
+    card = scorecard(path, n_samples=0)
+    assert [(r.kind, r.target, r.name, r.status, r.note) for r in card.reviews] == [
+        ("cohort", dark.id, "Dark images", "reviewed", "labels checked ≥ twice"),
+        ("image", 2, "Image 2", "reviewed", ""),
+        ("image", 5, "Image 5", "open", "blurry, keep an eye on it"),
+        ("image", 7, "Image 7", "fixed", "was a bird"),
+    ]
+    assert card.review_counts() == {"cohort": {"open": 0, "reviewed": 1, "fixed": 0},
+                                    "image": {"open": 1, "reviewed": 1, "fixed": 1}}
+    text = pdf_text(render_pdf(card, tmp_path / "notes.pdf"))
+    for expected in ("Review notes", "cohorts: 0 open, 1 reviewed, 0 fixed", "images: 1 open, 1 reviewed, 1 fixed",
+                     "Dark images", "labels checked >= twice", "was a bird", "blurry, keep an eye on it"):
+        assert expected in text, expected
+    assert "Untouched" not in text

@@ -222,3 +222,37 @@ def test_cli_json(planted, capsys):
     assert slices_main([str(store.paths.base)]) == 0
     text = capsys.readouterr().out
     assert "1. Brightness < 0.2 and Site = B" in text and "?brightness__lt=0.2&site__eq=B" in text
+
+
+# --------------------------------------------------------------------------- on the demo
+
+# The multiclass demo, smaller than `visionlens demo` builds it (about 20 s of CPU): 1000 images,
+# models trained on 1500 scenes each. tests/test_label_quality.py uses the same build.
+# Columns core/demo.py builds to hurt accuracy (site: the dim warehouse; camera: blur and noise;
+# small digits; stray strokes; occluding patches) and the image measurements that read them
+# directly (dim light, low contrast, sensor noise, blur).
+NUISANCE_COLUMNS = {"site", "camera", "digit_size", "clutter", "occluded"}
+NUISANCE_MEASUREMENTS = {"brightness", "contrast", "noise", "sharpness"}
+
+
+def columns_of(found) -> list[set[str]]:
+    return [{p.column for p in s.predicates} for s in found]
+
+
+def test_demo_nuisance_factors_are_the_top_slices(demo_multiclass):
+    """The baseline never saw dim scenes: its worst slice is the dim warehouse; every top slice of
+    both models is made of the nuisance factors the demo builds in (or direct measurements of them)."""
+    store = demo_multiclass
+    overall = {m: store.scalar('SELECT avg(CAST(NOT correct AS DOUBLE)) FROM "outcomes" WHERE model_id = ?', [m])
+               for m in ("baseline", "candidate")}
+    baseline = find_slices(store, "baseline", top_k=5)
+    candidate = find_slices(store, "candidate", top_k=5)
+    assert len(baseline) == 5 and len(candidate) == 5
+    top = baseline[0]
+    assert any(f.column == "site" and f.value == "warehouse" for p in top.predicates for f in p.filters), \
+        top.description
+    assert top.error_rate >= 2 * overall["baseline"], (top.error_rate, overall["baseline"])
+    assert columns_of(candidate)[0] & NUISANCE_COLUMNS, candidate[0].description
+    for found in (baseline, candidate):
+        for columns, s in zip(columns_of(found), found):
+            assert columns & (NUISANCE_COLUMNS | NUISANCE_MEASUREMENTS), s.description

@@ -287,7 +287,6 @@ def read_coco_results(path: str | os.PathLike, images: Dataset | ImageIndex,
     if not isinstance(data, list):
         raise IngestError("COCO results must be a json list of objects", file=file)
     results = [r if isinstance(r, dict) else {} for r in data]
-    n = len(results)
     is_dict = np.array([isinstance(r, dict) for r in data], dtype=bool)
     raw_image = [r.get("image_id") for r in results]
     ids = [index.by_source_id(int(v)) if _is_int(v) else None for v in raw_image]
