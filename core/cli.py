@@ -18,7 +18,7 @@ COMMANDS = {
     "cohort": ("core.cohorts", "cohort_main", "count and metrics of a cohort query string"),
     "eval-coco": ("core.metrics.detection", "eval_coco_main", "COCO bbox evaluation of two json files"),
     "precompute": ("core.cli", "precompute_main",
-                   "explanations (--explain), or inference/metadata/matching on workers (--engine)"),
+                   "explanations (--explain); with --engine, inference, metadata, matching and explanations in partitions"),
     "compact": ("core.cli", "compact_main", "fold a store's parts into a new base"),
     "slices": ("core.slices", "slices_main", "ranked error slices"),
     "compare": ("core.compare", "compare_main", "compare a baseline and a candidate model"),

@@ -103,6 +103,18 @@ def threshold_index(iou: float) -> int:
     return int(hits[0])
 
 
+def score_value(score_threshold: float) -> float:
+    """A score threshold as a float; anything that is not a number is an EvalError."""
+    try:
+        value = float(score_threshold)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if np.isnan(value):
+        raise EvalError(f"score threshold {score_threshold!r} is not a number",
+                        field="score_threshold")
+    return value
+
+
 def bit_index(t: int, area: int = 0) -> int:
     """Bit of ``tp_mask`` / ``ignored_mask`` for threshold index ``t`` and area index ``area``."""
     return area * N_THRESHOLDS + t
@@ -487,13 +499,7 @@ def image_counts_sql(iou: float, score_threshold: float) -> tuple[str, list]:
     GTs may be absent: LEFT JOIN and coalesce to 0.
     """
     t = threshold_index(iou)
-    try:
-        score = float(score_threshold)
-    except (TypeError, ValueError):
-        score = float("nan")
-    if np.isnan(score):
-        raise EvalError(f"score threshold {score_threshold!r} is not a number",
-                        field="score_threshold")
+    score = score_value(score_threshold)
     bit = bit_index(t, 0)
     return _IMAGE_COUNTS_SQL, [bit, bit, score, t + 1, t + 1, score]
 

@@ -26,7 +26,6 @@ import argparse
 import functools
 import json
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,8 @@ import pandas as pd
 
 from ..errors import EvalError
 from ..matching import (AREA_NAMES, AREA_RANGE_BITS, IOU_THRESHOLDS, MAX_DETS, N_AREAS,
-                        N_THRESHOLDS, RECALL_THRESHOLDS, bit_index, match_arrays, threshold_index)
+                        N_THRESHOLDS, RECALL_THRESHOLDS, bit_index, match_arrays, score_value,
+                        threshold_index)
 from ..store import memory_connection
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,14 @@ def _recall_counts(n_gt: np.ndarray) -> np.ndarray:
     return np.take_along_axis(cand, first[..., None], axis=-1)[..., 0].astype(np.int64)
 
 
+def _plane_flags(masks: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """(len(bits), n) booleans: bit ``bits[p]`` of each mask, one contiguous row per plane."""
+    n_bytes = (int(bits.max()) >> 3) + 1 if len(bits) else 1
+    as_bytes = np.ascontiguousarray(masks.astype("<i8")).view(np.uint8).reshape(-1, 8)[:, :n_bytes]
+    unpacked = np.unpackbits(as_bytes, axis=1, bitorder="little")
+    return np.ascontiguousarray(unpacked[:, bits].T).view(bool)
+
+
 def accumulate(det_class: np.ndarray, det_rank: np.ndarray, det_tp_mask: np.ndarray,
                det_ignored_mask: np.ndarray, det_area_mask: np.ndarray, det_score: np.ndarray,
                n_gt: np.ndarray, *, areas: tuple[int, ...] = tuple(range(N_AREAS)),
@@ -93,93 +101,98 @@ def accumulate(det_class: np.ndarray, det_rank: np.ndarray, det_tp_mask: np.ndar
     are left out here. Masks as stored in ``det_matches``. ``n_gt`` (K, A) counts non-ignored
     GTs per class and area range.
 
-    Only true positives matter for the precision envelope (its maxima lie on them); the
+    Only true positives matter for the precision envelope (its maxima lie on them). The
     detections counted (TP or FP) before each come from one cumulative sum per area range
     (an unmatched detection counts exactly when its own area is in range) corrected at the
-    few "special" detections whose flags differ from that (true positives and detections
-    matched to ignored GTs). All 40 (area, threshold) planes are computed together, over the
-    special detections only.
+    few detections whose counted flag differs from that (true positives of a GT in range
+    whose own area is not, detections matched to ignored GTs). Each (area, threshold) plane
+    then walks only its own true positives and corrections, so the work is one pass over the
+    detections plus one over each plane's true positives.
     """
     columns = (det_class, det_rank, det_score, det_tp_mask, det_ignored_mask, det_area_mask)
     keep = det_rank < _MAX_DET
     if not keep.all():
         columns = tuple(c[keep] for c in columns)
     cls, rank, score, tp_mask, ig_mask, area_mask = columns
-    area_mask = area_mask.astype(np.int64)
+    cls = cls.astype(np.int64, copy=False)
+    tp_mask, ig_mask = tp_mask.astype(np.int64, copy=False), ig_mask.astype(np.int64, copy=False)
     n_gt = np.asarray(n_gt, dtype=np.int64)
     n_classes = n_gt.shape[0]
-    shape = (N_THRESHOLDS, len(RECALL_THRESHOLDS), n_classes, N_AREAS)
+    n_recall = len(RECALL_THRESHOLDS)
+    shape = (N_THRESHOLDS, n_recall, n_classes, N_AREAS)
     precision, scores = np.full(shape, -1.0), np.full(shape, -1.0)
     recall = np.full((N_THRESHOLDS, n_classes, N_AREAS, len(MAX_DETS)), -1.0)
     if n_classes == 0:
         return Accumulated(precision, scores, recall)
-    # One "plane" per (area, threshold) computed, all planes at once.
     plane_area = np.repeat(np.asarray(areas, dtype=np.int64), len(thresholds))
     plane_t = np.tile(np.asarray(thresholds, dtype=np.int64), len(areas))
     bits = plane_area * N_THRESHOLDS + plane_t
-    n_planes = len(bits)
+    plane_bits = int(np.sum(np.left_shift(np.int64(1), bits)))
     class_start = np.searchsorted(cls, np.arange(n_classes))
     n_det = np.bincount(cls, minlength=n_classes)
     first_score = np.where(n_det > 0, score[np.minimum(class_start, len(score) - 1)], 0.0) \
         if len(score) else np.zeros(n_classes)
+    needed = _recall_counts(n_gt)  # (K, A, R)
+    rank_below = {m: rank < m for m in MAX_DETS[:-1]}
 
-    # Counted detections up to a position: per area, the in-range ones (an unmatched detection
-    # counts exactly when its own area is in range), corrected at the special ones.
-    special = np.flatnonzero((tp_mask | (ig_mask ^ _UNMATCHED_IGNORED[area_mask])) != 0)
-    inside = (area_mask[None, :] >> np.arange(N_AREAS)[:, None]) & 1
-    base_cum = np.cumsum(inside, axis=1)
-    prev = np.maximum(class_start - 1, 0)
-    base_before = np.where(class_start > 0, base_cum[:, prev], 0) if len(cls) else \
-        np.zeros((N_AREAS, n_classes), np.int64)
-    sp_ignored = (ig_mask[special][None, :] >> bits[:, None]) & 1
-    # +1 where counted though out of range (a TP), -1 where ignored though in range.
-    delta_cum = np.cumsum((1 - sp_ignored) - inside[:, special][plane_area], axis=1)
-    special_before = np.searchsorted(special, class_start) - 1
-    before = base_before[plane_area]
-    if len(special):
-        before = before + np.where(special_before >= 0,
-                                   delta_cum[:, np.maximum(special_before, 0)], 0)
+    # Counted detections up to each position if every detection were unmatched: per area.
+    cum_dtype = np.int32 if len(cls) < 2 ** 31 else np.int64
+    # (Entry i counts positions < i.)
+    base_cum = {int(a): np.r_[0, np.cumsum((area_mask >> a) & 1, dtype=cum_dtype)].astype(cum_dtype)
+                for a in np.unique(plane_area)}
+    # Detections counted where "unmatched" says not, or the reverse, at some plane.
+    counted_bits = ~ig_mask & plane_bits
+    differs = counted_bits ^ (~_UNMATCHED_IGNORED[area_mask] & plane_bits)
+    corrected = np.flatnonzero(differs)
+    corrected_flags = _plane_flags(differs[corrected], bits)
+    corrected_sign = np.where(_plane_flags(counted_bits[corrected], bits), 1, -1)
+    tp_dets = np.flatnonzero(tp_mask & plane_bits)
+    tp_flags = _plane_flags(tp_mask[tp_dets], bits)
 
-    # True positives of every plane, in (plane, class, score) order.
-    plane_of, j = np.nonzero((tp_mask[special][None, :] >> bits[:, None]) & 1)
-    tp_pos = special[j]
-    tp_cls = cls[tp_pos]
-    group = plane_of * n_classes + tp_cls
-    tp_n = np.bincount(group, minlength=n_planes * n_classes)
-    tp_first = np.cumsum(tp_n) - tp_n
-    count = (np.arange(len(group)) - tp_first[group] + 1).astype(np.float64)
-    upto = (base_cum[plane_area[plane_of], tp_pos] + delta_cum[plane_of, j]
-            - before[plane_of, tp_cls])
-    # pycocotools: tp / (fp + tp + eps), fp + tp being the counted detections so far.
-    pr = count / (upto.astype(np.float64) + _EPS)
+    for p, (a, t) in enumerate(zip(plane_area.tolist(), plane_t.tolist())):
+        gt_k = n_gt[:, a]
+        valid = gt_k > 0
+        cum = base_cum[a]
+        fix_pos = corrected[corrected_flags[p]]
+        fix_sign = corrected_sign[p][corrected_flags[p]]
+        fix_before_class = np.r_[0, np.cumsum(fix_sign)][np.searchsorted(fix_pos, class_start)]
+        hits = tp_dets[tp_flags[p]]  # this plane's true positives, in order (so by class)
+        bounds = np.searchsorted(hits, np.r_[class_start, len(cls)])
+        tp_n = np.diff(bounds)
+        tp_first = bounds[:-1]
+        count = np.arange(1, len(hits) + 1, dtype=np.float64) - np.repeat(tp_first, tp_n)
+        # Counted detections from the class's first one up to each hit: the "unmatched" count
+        # plus the corrections up to the hit (added where each correction falls among the hits).
+        fix_at = np.bincount(np.searchsorted(hits, fix_pos), weights=fix_sign, minlength=len(hits) + 1)
+        upto = (cum[hits + 1] + np.cumsum(fix_at[:len(hits)])
+                - np.repeat(cum[class_start] + fix_before_class, tp_n))
+        # pycocotools: tp / (fp + tp + eps), fp + tp being the counted detections so far.
+        pr = count / (upto + _EPS)
+        safe_gt = np.maximum(gt_k, 1)
+        for m_i, m in enumerate(MAX_DETS):
+            if m == _MAX_DET:
+                found = tp_n
+            else:
+                below = np.r_[0, np.cumsum(rank_below[m][hits])]
+                found = below[bounds[1:]] - below[bounds[:-1]]
+            recall[t, :, a, m_i] = np.where(valid, found / safe_gt, -1.0)
 
-    gt_per_plane = n_gt[:, plane_area].T
-    valid = gt_per_plane > 0
-    tp_rank = rank[tp_pos]
-    for m_i, m in enumerate(MAX_DETS):
-        hits = tp_n if m == _MAX_DET else np.bincount(group[tp_rank < m],
-                                                      minlength=n_planes * n_classes)
-        recall[plane_t, :, plane_area, m_i] = np.where(
-            valid, hits.reshape(n_planes, n_classes) / np.maximum(gt_per_plane, 1), -1.0)
-
-    needed = _recall_counts(n_gt)[:, plane_area, :].transpose(1, 0, 2)
-    idx = np.maximum(needed, 1) - 1
-    tp_n, tp_first = tp_n.reshape(n_planes, n_classes, 1), tp_first.reshape(n_planes, n_classes, 1)
-    ok = valid[:, :, None] & (idx < tp_n)
-    at = tp_first + idx
-    q = np.full(needed.shape, -np.inf)
-    if ok.any():
-        # Max precision from each recall point to the next, then the envelope (max over the
-        # rest of the class) as a suffix max over recall points.
-        q[ok] = np.maximum.reduceat(pr, at[ok])
-    q = np.maximum.accumulate(q[:, :, ::-1], axis=2)[:, :, ::-1]
-    q = np.where(valid[:, :, None], np.where(ok, q, 0.0), -1.0)
-    precision[plane_t, :, :, plane_area] = q.transpose(0, 2, 1)
-    # Recall 0 points at the class's first detection whatever it is (searchsorted -> 0).
-    s = np.zeros(needed.shape)
-    s[ok] = score[tp_pos[at[ok]]]
-    s = np.where((needed == 0) & (n_det[None, :, None] > 0), first_score[None, :, None], s)
-    scores[plane_t, :, :, plane_area] = np.where(valid[:, :, None], s, -1.0).transpose(0, 2, 1)
+        need = needed[:, a, :]  # (K, R)
+        idx = np.maximum(need, 1) - 1
+        ok = valid[:, None] & (idx < tp_n[:, None])
+        at = tp_first[:, None] + idx
+        q = np.full(need.shape, -np.inf)
+        if ok.any():
+            # Max precision from each recall point to the next, then the envelope (max over the
+            # rest of the class) as a suffix max over recall points.
+            q[ok] = np.maximum.reduceat(pr, at[ok])
+        q = np.maximum.accumulate(q[:, ::-1], axis=1)[:, ::-1]
+        precision[t, :, :, a] = np.where(valid[:, None], np.where(ok, q, 0.0), -1.0).T
+        # Recall 0 points at the class's first detection whatever it is (searchsorted -> 0).
+        s = np.zeros(need.shape)
+        s[ok] = score[hits[at[ok]]]
+        s = np.where((need == 0) & (n_det[:, None] > 0), first_score[:, None], s)
+        scores[t, :, :, a] = np.where(valid[:, None], s, -1.0).T
     return Accumulated(precision, scores, recall)
 
 
@@ -241,17 +254,6 @@ def _check_model(store, model_id: str) -> None:
         raise EvalError(f"unknown model {model_id!r}", field="model", choices=ids)
 
 
-def _score(score_threshold: float) -> float:
-    try:
-        value = float(score_threshold)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if math.isnan(value):
-        raise EvalError(f"score threshold {score_threshold!r} is not a number",
-                        field="score_threshold")
-    return value
-
-
 def _class_ids(store, classes: list[int] | None) -> np.ndarray:
     known = np.arange(len(store.classes))
     if classes is None:
@@ -290,6 +292,16 @@ def _cohort_dets(store, model_id, selection, score, class_ids, columns: str) -> 
     return rows if inside.all() else {k: v[inside] for k, v in rows.items()}
 
 
+def _key_order(keys: np.ndarray) -> np.ndarray:
+    """``np.argsort(keys)`` for distinct non-negative integer keys (``order_key``), in one
+    linear scatter rather than a sort: the keys of a model are a permutation of its detections."""
+    if not len(keys):
+        return np.zeros(0, np.int64)
+    slots = np.full(int(keys.max()) + 1, -1, np.int64)
+    slots[keys] = np.arange(len(keys))
+    return slots[slots >= 0]
+
+
 def _cohort_gt_counts(store, model_id, selection, class_ids) -> np.ndarray:
     where, params = _cohort_clause(selection)
     rows = _fetch(store, "SELECT class_id, area_mask, count(*) AS n FROM gt_matches "
@@ -324,15 +336,17 @@ def detection_metrics(store, model_id: str, selection: tuple[str, list] | None, 
     """
     _check_model(store, model_id)
     t = threshold_index(0.5 if iou is None else iou)
-    score = _score(score_threshold)
+    score = score_value(score_threshold)
     if average not in AVERAGES:
         raise EvalError(f"unknown average {average!r}", field="average", choices=list(AVERAGES))
     class_ids = _class_ids(store, classes)
     dets = _cohort_dets(store, model_id, selection, score, class_ids,
-                        "class_id, rank, order_key, tp_mask, ignored_mask, area_mask, score")
+                        # Narrow types: a million images bring ten million detections.
+                        "CAST(class_id AS INTEGER) AS class_id, CAST(rank AS SMALLINT) AS rank, order_key, "
+                        "tp_mask, ignored_mask, CAST(area_mask AS UTINYINT) AS area_mask, score")
     n_gt = _cohort_gt_counts(store, model_id, selection, class_ids)
-    order = np.argsort(dets.pop("order_key"))
-    d = {k: v[order] for k, v in dets.items()}
+    order = _key_order(dets.pop("order_key"))
+    d = {k: dets.pop(k)[order] for k in list(dets)}  # each unordered column freed once ordered
     cls, _ = _class_index(class_ids, d["class_id"])
     acc = accumulate(cls, d["rank"], d["tp_mask"], d["ignored_mask"], d["area_mask"], d["score"],
                      n_gt)
@@ -441,7 +455,7 @@ def image_objects(store, model_id: str, image_id: int, iou: float,
     """
     _check_model(store, model_id)
     t = threshold_index(iou)
-    score = _score(score_threshold)
+    score = score_value(score_threshold)
     bit = bit_index(t, 0)
     dets = store.query(
         "SELECT 'det' AS kind, m.det_id AS id, m.class_id, m.score, "
@@ -477,23 +491,27 @@ def image_objects(store, model_id: str, image_id: int, iou: float,
 # --------------------------------------------------------------------------- errors
 
 
-def _error_inputs(store, model_id, selection, iou, score_threshold):
-    """Counted detections and counted GTs (area 'all': not crowd) of a cohort at (iou, score)."""
+def _error_inputs(store, model_id, selection, iou, score_threshold, *, ordered: bool = True):
+    """Counted detections and counted GTs (area 'all': not crowd) of a cohort at (iou, score).
+
+    ``ordered``: detections by score descending then det_id, GTs by gt_id (else in storage
+    order, which spares DuckDB a sort of every detection of the cohort)."""
     _check_model(store, model_id)
     t = threshold_index(iou)
-    score = _score(score_threshold)
+    score = score_value(score_threshold)
     bit = bit_index(t, 0)
     where, params = _cohort_clause(selection)
     dets = _fetch(store, (
         "SELECT image_id, det_id, class_id, score, rank, "
         "(tp_mask >> ?) & 1 = 1 AS tp, best_same_gt_id, best_same_iou, best_other_gt_id, "
         "best_other_class_id, best_other_iou FROM det_matches "
-        f"WHERE model_id = ? AND score >= ? AND ((tp_mask | ~ignored_mask) >> ?) & 1 = 1{where} "
-        "ORDER BY score DESC, det_id"), [bit, model_id, score, bit, *params])
+        f"WHERE model_id = ? AND score >= ? AND ((tp_mask | ~ignored_mask) >> ?) & 1 = 1{where}"
+        + (" ORDER BY score DESC, det_id" if ordered else "")), [bit, model_id, score, bit, *params])
     gts = _fetch(store, (
         "SELECT image_id, gt_id, class_id, "
         "coalesce(match_det_ids[?] >= 0 AND match_scores[?] >= ?, false) AS matched "
-        f"FROM gt_matches WHERE model_id = ? AND (area_mask & 1) = 1{where} ORDER BY gt_id"),
+        f"FROM gt_matches WHERE model_id = ? AND (area_mask & 1) = 1{where}"
+        + (" ORDER BY gt_id" if ordered else "")),
         [t + 1, t + 1, score, model_id, *params])
     return t, score, dets, gts
 
@@ -534,28 +552,31 @@ def confusion_matrix_detection(store, model_id: str, selection: tuple[str, list]
     So column sums are the detection counts per class, row sums the GT counts per class; the
     background row holds FPs that are not confusions, the background column FNs that are not.
     """
-    t, _, dets, gts = _error_inputs(store, model_id, selection, iou, score_threshold)
+    t, _, dets, gts = _error_inputs(store, model_id, selection, iou, score_threshold, ordered=False)
     names = list(store.classes)
     n = len(names)
-    matrix = np.zeros((n + 1, n + 1), np.int64)
+    cells = []  # (row, column) index arrays, counted at the end in one bincount
     tp = dets["tp"].astype(bool)
     det_cls = dets["class_id"].astype(np.int64)
-    np.add.at(matrix, (det_cls[tp], det_cls[tp]), 1)
+    cells.append((det_cls[tp], det_cls[tp]))
     gt_id, gt_cls = gts["gt_id"].astype(np.int64), gts["class_id"].astype(np.int64)
     gt_matched = gts["matched"].astype(bool)
     target = dets["best_other_gt_id"].astype(np.int64)
     target_missed = ~_lookup(gt_id, gt_matched, target, True)
     candidate = ~tp & (dets["best_other_iou"] >= IOU_THRESHOLDS[t]) & (target >= 0) & target_missed
-    # Detections are in score-descending, det_id order: the first per GT is the confusion.
+    # The first candidate per GT in score-descending, det_id order is the confusion.
     cand_idx = np.flatnonzero(candidate)
+    cand_idx = cand_idx[np.lexsort((dets["det_id"][cand_idx], -dets["score"][cand_idx]))]
     winner = np.zeros(len(tp), bool)
     winner[cand_idx[_first_per_key(target[cand_idx])]] = True
-    np.add.at(matrix, (dets["best_other_class_id"].astype(np.int64)[winner], det_cls[winner]), 1)
+    cells.append((dets["best_other_class_id"].astype(np.int64)[winner], det_cls[winner]))
     plain_fp = ~tp & ~winner
-    np.add.at(matrix, (np.full(plain_fp.sum(), n), det_cls[plain_fp]), 1)
+    cells.append((np.full(plain_fp.sum(), n), det_cls[plain_fp]))
     confused = np.isin(gt_id, target[winner])
     missed = ~gt_matched & ~confused
-    np.add.at(matrix, (gt_cls[missed], np.full(missed.sum(), n)), 1)
+    cells.append((gt_cls[missed], np.full(missed.sum(), n)))
+    flat = np.concatenate([rows * (n + 1) + cols for rows, cols in cells])
+    matrix = np.bincount(flat, minlength=(n + 1) ** 2).reshape(n + 1, n + 1).astype(np.int64)
     labels = names + [BACKGROUND]
     return pd.DataFrame(matrix, index=pd.Index(labels, name="ground truth"),
                         columns=pd.Index(labels, name="predicted"))
