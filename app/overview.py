@@ -346,8 +346,9 @@ def _detection_options(view: View, key: str) -> tuple[str, list[int] | None]:
     picked = right.multiselect("Classes", names, key=f"{key}_classes_{view.store.name}", placeholder="All classes",
                                help="Evaluate only these classes (COCO catIds). Empty: every class.")
     classes = sorted(names.index(n) for n in picked) if picked else None
-    st.caption(f"At IoU **{view.iou:.2f}** and score threshold **{view.score_threshold:.2f}** (sidebar). "
-               "Metrics follow them live from the stored matches.")
+    st.caption(f"At IoU **{view.iou:.2f}** and score threshold **{view.score_threshold:.2f}** (sidebar), live from "
+               "the stored matches. AP and AR rank every detection, as pycocotools does; precision, recall and F1 "
+               "count the detections at or above the score threshold.")
     return average, classes
 
 

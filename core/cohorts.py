@@ -1523,9 +1523,9 @@ def _metrics(store: Store, catalog: Catalog, model_id: str, selection: "Selectio
     elif catalog.task == "detection":
         from .metrics.detection import detection_metrics
 
-        # COCO AP ranks every detection: only a score threshold set in the URL (conf) drops some.
-        result = detection_metrics(store, model_id, selection, iou=view.thresholds(catalog)["iou"],
-                                   score_threshold=view.conf if view.conf is not None else 0.0)
+        thresholds = view.thresholds(catalog)
+        result = detection_metrics(store, model_id, selection, iou=thresholds["iou"],
+                                   score_threshold=thresholds["score_threshold"])
         result.update({k: v for k, v in result["aggregates"][result["average"]].items()
                        if k in ("precision", "recall", "f1")})
         keys = tuple(k for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool))

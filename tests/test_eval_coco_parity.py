@@ -99,17 +99,28 @@ def store_from_coco(gt: dict, dets: list, folder: Path) -> Store:
 
 def assert_store_cohort_matches(store: Store, gt: dict, dets: list, cohort: list[int],
                                 score: float) -> None:
-    kept = [d for d in dets if d["score"] >= score]
     selection = ("SELECT image_id FROM images WHERE list_contains(?, image_id)", [cohort])
+    # The score threshold sets the operating point (counts), never the ranking AP is made of.
     ours = detection_metrics(store, "m", selection, score_threshold=score)
-    if not kept:  # pycocotools cannot load an empty result list: every AP is 0 or -1
+    if not dets:  # pycocotools cannot load an empty result list: every AP is 0 or -1
         assert all(ours[k] in (0.0, -1.0) for k in STAT_KEYS)
         return
-    ev = pycocotools_eval(gt, kept, cohort)
+    ev = pycocotools_eval(gt, dets, cohort)
     assert np.abs(np.array([ours[k] for k in STAT_KEYS]) - ev.stats).max() <= TOL
     for k, curve in ours["curves"].items():
         assert np.abs(curve["precision"] - ev.eval["precision"][0, :, k, 0, -1]).max() <= TOL
         assert np.abs(curve["scores"] - ev.eval["scores"][0, :, k, 0, -1]).max() <= TOL
+    # Counts at the operating point: pycocotools' own matches (IoU 0.5, area all) scored >= score.
+    n_tp, n_fp = np.zeros(len(gt["categories"]), int), np.zeros(len(gt["categories"]), int)
+    for entry in ev.evalImgs:
+        if entry is None or entry["aRng"] != ev.params.areaRng[0]:
+            continue
+        kept = (np.asarray(entry["dtScores"]) >= score) & ~np.asarray(entry["dtIgnore"][0], bool)
+        matched = np.asarray(entry["dtMatches"][0]) > 0
+        n_tp[entry["category_id"]] += int((kept & matched).sum())
+        n_fp[entry["category_id"]] += int((kept & ~matched).sum())
+    assert ours["per_class"]["n_tp"].tolist() == n_tp.tolist()
+    assert ours["per_class"]["n_fp"].tolist() == n_fp.tolist()
 
 
 # --------------------------------------------------------------------------- fixed fixtures

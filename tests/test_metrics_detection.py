@@ -109,7 +109,17 @@ def test_cohort_score_threshold_classes_and_average(two_class_store):
     empty = detection_metrics(two_class_store, "m", images_in([2]))
     assert all(empty[k] == -1 for k in STAT_KEYS) and empty["curves"] == {}
     high = detection_metrics(two_class_store, "m", None, score_threshold=0.75)
-    assert high["AP50"] == pytest.approx((plain_ap([True, False], 2) + 0.0) / 2)
+    every = detection_metrics(two_class_store, "m", None)
+    assert all(high[k] == every[k] for k in STAT_KEYS)  # AP ranks every detection, as COCO does
+    assert every["AP50"] == pytest.approx((plain_ap([True, False, True], 2) + 1.0) / 2)
+    # The threshold is the operating point: only the 0.9 (TP) and 0.8 (FP) detections count.
+    at_threshold = high["per_class"]
+    assert at_threshold["n_tp"].tolist() == [1, 0] and at_threshold["n_fp"].tolist() == [1, 0]
+    assert at_threshold["n_fn"].tolist() == [1, 1]
+    assert at_threshold["precision"].tolist() == [0.5, 0.0] and at_threshold["recall"].tolist() == [0.5, 0.0]
+    assert every["per_class"]["n_tp"].tolist() == [2, 1] and every["per_class"]["n_fp"].tolist() == [1, 0]
+    assert high["aggregates"]["micro"]["precision"] == pytest.approx(0.5)
+    assert high["aggregates"]["micro"]["recall"] == pytest.approx(1 / 3)
     dogs = detection_metrics(two_class_store, "m", None, classes=[1], average="micro")
     assert dogs["AP"] == pytest.approx(plain_ap([True], 1))
     assert dogs["mAP"] == pytest.approx(dogs["AP"])

@@ -26,6 +26,7 @@ import argparse
 import functools
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,8 +322,11 @@ def detection_metrics(store, model_id: str, selection: tuple[str, list] | None, 
     """COCO metrics of ``model_id`` on a cohort, from stored matches.
 
     ``selection`` is ``(sql, params)`` of a SELECT with an ``image_id`` column (None: all
-    images). ``iou`` (default 0.5) must be a stored threshold; ``score_threshold`` drops lower
-    scored detections; ``classes`` restricts the evaluated classes (COCO ``catIds``).
+    images). ``iou`` (default 0.5) must be a stored threshold; ``classes`` restricts the
+    evaluated classes (COCO ``catIds``). AP, AR and the curves rank every detection, as
+    pycocotools does; ``score_threshold`` is the operating point: the counts, precision,
+    recall and F1 count only detections scored at least that (greedy matching in score
+    order means a kept detection's match does not depend on the dropped ones).
 
     Returns a dict with the 12 COCO stats (keys ``STAT_KEYS``, macro over classes with GT, -1
     when undefined, as pycocotools), ``mAP`` (AP at ``iou``, averaged as ``average``:
@@ -340,7 +344,7 @@ def detection_metrics(store, model_id: str, selection: tuple[str, list] | None, 
     if average not in AVERAGES:
         raise EvalError(f"unknown average {average!r}", field="average", choices=list(AVERAGES))
     class_ids = _class_ids(store, classes)
-    dets = _cohort_dets(store, model_id, selection, score, class_ids,
+    dets = _cohort_dets(store, model_id, selection, -math.inf, class_ids,
                         # Narrow types: a million images bring ten million detections.
                         "CAST(class_id AS INTEGER) AS class_id, CAST(rank AS SMALLINT) AS rank, order_key, "
                         "tp_mask, ignored_mask, CAST(area_mask AS UTINYINT) AS area_mask, score")
@@ -352,8 +356,9 @@ def detection_metrics(store, model_id: str, selection: tuple[str, list] | None, 
                      n_gt)
     result: dict = dict(coco_stats(acc))
 
-    columns = _per_class(acc, d, cls, n_gt, t)
-    aggregates = _aggregates(columns, _micro(d, cls, n_gt, t))
+    kept = d["score"] >= score
+    columns = _per_class(acc, d, cls, n_gt, t, kept)
+    aggregates = _aggregates(columns, _micro(d, cls, n_gt, t, kept))
     names = store.classes
     per_class = pd.DataFrame({"class_id": class_ids.astype(np.int64),
                               "name": [names[k] for k in class_ids], **columns})
@@ -385,8 +390,8 @@ def _ratio(num, den) -> np.ndarray:
 _AGGREGATED = ("AP", "AP_iou", "AR100", "precision", "recall", "f1")
 
 
-def _per_class(acc, d, cls, n_gt, t) -> dict[str, np.ndarray]:
-    n_tp, n_fp = _point_counts(d["tp_mask"], d["ignored_mask"], cls, n_gt.shape[0], t)
+def _per_class(acc, d, cls, n_gt, t, kept) -> dict[str, np.ndarray]:
+    n_tp, n_fp = _point_counts(d["tp_mask"][kept], d["ignored_mask"][kept], cls[kept], n_gt.shape[0], t)
     has_gt = n_gt[:, 0] > 0
 
     def ap(p):  # p: (..., K) -> per class mean over the leading axes, -1 without GT
@@ -406,7 +411,7 @@ def _per_class(acc, d, cls, n_gt, t) -> dict[str, np.ndarray]:
     }
 
 
-def _micro(d, cls, n_gt, t) -> dict:
+def _micro(d, cls, n_gt, t, kept) -> dict:
     """All classes' detections in one ranking against all GTs (area all).
 
     Ranked by score descending; equal scores keep the class-major COCO order (class, image,
@@ -417,7 +422,7 @@ def _micro(d, cls, n_gt, t) -> dict:
     one_class = np.zeros(len(order), np.int64)
     acc = accumulate(one_class, d["rank"][order], d["tp_mask"][order], d["ignored_mask"][order],
                      d["area_mask"][order], d["score"][order], total, areas=(0,))
-    n_tp, n_fp = _point_counts(d["tp_mask"], d["ignored_mask"], one_class, 1, t)
+    n_tp, n_fp = _point_counts(d["tp_mask"][kept], d["ignored_mask"][kept], one_class[kept], 1, t)
     p, r = float(_ratio(n_tp[0], n_tp[0] + n_fp[0])), float(_ratio(n_tp[0], total[0, 0]))
     return {"AP": _mean_valid(acc.precision[:, :, 0, 0]),
             "AP_iou": _mean_valid(acc.precision[t, :, 0, 0]),
