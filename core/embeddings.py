@@ -23,11 +23,13 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import EvalError
-from .models import device_for, image_tensor, load_model
 from .store import Store, write_part
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +44,23 @@ Progress = Callable[[int, int], None]
 
 def last_linear(model: torch.nn.Module) -> torch.nn.Linear:
     """The model's last ``nn.Linear`` in registration order (its head)."""
+    import torch  # here, not at module level: the app reads this module's tables without torch
+
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
         raise EvalError(f"{type(model).__name__} has no nn.Linear layer to take features from", field="model")
     return linears[-1]
 
 
-@torch.inference_mode()
 def penultimate_features(model: torch.nn.Module, batches, device: torch.device) -> np.ndarray:
     """Features (n, d) float32: the last linear layer's input per image, for each ``(B,3,H,W)`` batch."""
+    import torch
+
+    with torch.inference_mode():
+        return _penultimate_features(model, batches, device)
+
+
+def _penultimate_features(model: torch.nn.Module, batches, device: torch.device) -> np.ndarray:
     captured: list[torch.Tensor] = []
     handle = last_linear(model).register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
     model = model.to(device)
@@ -90,6 +100,10 @@ def near_duplicates(features: np.ndarray, *, threshold: float = DUPLICATE_SIMILA
                     max_pairs: int = MAX_PAIRS, block_rows: int = BLOCK_ROWS,
                     device: torch.device | str | None = None) -> pd.DataFrame:
     """Pairs ``(a, b, similarity)`` of row indices, ``a < b``, cosine >= ``threshold``, most similar first."""
+    import torch
+
+    from .models import device_for
+
     device = torch.device(device) if device is not None else device_for()
     x = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device)
     x = torch.nn.functional.normalize(x, dim=1)
@@ -138,6 +152,8 @@ def compute_embeddings(store_path: str | os.PathLike, model_id: str | None = Non
 
     Returns both frames (with ``model_id``).
     """
+    from .models import device_for, image_tensor, load_model
+
     if batch_size < 1:
         raise EvalError(f"batch size must be positive, got {batch_size}", field="batch_size")
     store = Store(store_path)

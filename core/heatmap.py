@@ -21,15 +21,16 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import VisionLensError
+
+if TYPE_CHECKING:
+    import torch
 
 _INFERNO_HEX = (
     "00000401000501010601010802010a02020c02020e03021004031204031405041706041907051b08051d09061f0a0722"
@@ -93,6 +94,8 @@ def colormap(name: str) -> np.ndarray:
 
 
 def _device(device: str | torch.device | None) -> torch.device:
+    import torch
+
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,6 +115,8 @@ def _percentile(values: torch.Tensor, percentile: float) -> torch.Tensor:
     # Nearest-rank percentile per row (torch.quantile refuses inputs over 2**24 values). Both
     # branches select the same element; on the CPU numpy's introselect is about 10x faster
     # than torch.kthvalue.
+    import torch
+
     rank = min(values.shape[1], max(1, int(np.ceil(percentile / 100.0 * values.shape[1]))))
     if values.device.type != "cpu":
         return torch.kthvalue(values, rank, dim=1, keepdim=True).values
@@ -144,6 +149,11 @@ def blend(images: Sequence | np.ndarray, maps: Sequence | np.ndarray, *, alpha: 
     (+0.5, so truncation rounds) before upsampling, which is linear; the table is
     premultiplied by ``alpha`` (+0.5 for the final rounding); the image is added in place.
     """
+    # torch is imported here, not with the module: box drawing and encoding need none of it,
+    # and a Streamlit page that imports it pays about 500 MiB.
+    import torch
+    import torch.nn.functional as F
+
     arrays = [_as_array(im) for im in images]
     fields = [np.asarray(m, dtype=np.float32) for m in maps]
     if len(arrays) != len(fields):

@@ -21,8 +21,6 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
-import torch.nn.functional as F
 
 from ..store import Store
 
@@ -44,6 +42,10 @@ def reduce_maps(maps: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
     if factor <= 1:
         return maps.astype(np.float32)
     size = (max(1, round(height / factor)), max(1, round(width / factor)))
+    # Only writers reduce maps: readers (the app) load this module without torch.
+    import torch
+    import torch.nn.functional as F
+
     tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
     return F.adaptive_avg_pool2d(tensor, size)[:, 0].numpy()
 
