@@ -25,7 +25,13 @@ install: $(STAMP)
 demo: install
 	@ls $(DATA)/*.duckdb >/dev/null 2>&1 || $(VENV)/bin/visionlens demo --out $(DATA)
 
+# The demo's explanation sample is computed in the background while the app runs
+# (resumable: what is stored is skipped, so a later `make run` finishes it); it stops
+# with the app.
 run: demo
+	@if ls $(DATA)/demo-*.duckdb >/dev/null 2>&1; then \
+	  $(VENV)/bin/visionlens demo --explain --out $(DATA) >$(DATA)/.demo-explain.log 2>&1 & \
+	fi; explain=$$!; trap 'kill $$explain 2>/dev/null' EXIT INT TERM; \
 	VISIONLENS_DATA=$(DATA) $(VENV)/bin/streamlit run streamlit_app.py --server.port $(PORT)
 
 # Debian's chromium drives the browser tests (no browser download at test time);

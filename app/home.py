@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from . import first_run
 from .state import current_view, data_folder
 
 _BUILD_HELP = """\
@@ -44,6 +45,7 @@ def render() -> None:
     if view.catalog.models:
         models = view.query('SELECT model_id AS "Model", name AS "Name" FROM "models" ORDER BY model_id')
         st.dataframe(models, hide_index=True, width="content")
+    first_run.explanation_status(view)
     st.subheader("Where to next")
     from .nav import page_links
 

@@ -28,17 +28,26 @@ the app would re-run them. In the multiclass store 2 % of the labels are
 flipped on purpose; meta ``injected_label_errors`` lists their image ids.
 
 Everything is seeded: the same arguments give the same stores.
+
+Background steps (for ``make run`` and the app's first start on an empty data folder):
+``visionlens demo --explain`` computes the explanation sample (``explain_demos``: the
+first ``EXPLAIN_IMAGES`` images of each store, both models, every method that applies,
+written to ``PLAN_FILE``), resumable; ``--then-explain`` starts it after a build. Each step
+holds a lock file in the data folder (``DemoLock``) and writes a status file
+(``StatusFile``) that the app polls.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import logging
 import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -49,9 +58,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .demo_jobs import (EXPLAIN_IMAGES, PLAN_FILE, PLAN_KEYS, BUILD_LOCK, BUILD_STATUS, EXPLAIN_LOCK, EXPLAIN_STATUS, EXPLAIN_LOG, BUILD_STAGES, DemoLock, StatusFile, lock_holder, start_explaining)
 from .demo_models import N_DIGITS, DigitDetector, build_demo_model, load_demo_model
+from .embeddings import compute_embeddings
 from .errors import IngestError
 from .ingest.build import Dataset, ModelRun, build_store
+from .label_quality import write_label_quality
 from .models import predict_classifier, predict_detector
 
 log = logging.getLogger(__name__)
@@ -744,7 +756,15 @@ def build_task(task: str, out_dir: Path, n_images: int, seed: int, *, n_train: i
     store_path = out_dir / name
     build_store(store_path, dataset, runs,
                 progress=lambda stage, done, total: step(stage, done, total))
-    return out_dir / f"{name}.duckdb"
+    base = out_dir / f"{name}.duckdb"
+    # The Label review page opens on flagged labels and the embedding map, not on a command to run.
+    for i, run in enumerate(runs):
+        step("label review", i, len(runs))
+        write_label_quality(base, run.model_id)
+        if task != "detection":  # a detector has no per-image head to take features from
+            compute_embeddings(base, run.model_id, device="cpu")
+    step(BUILD_STAGES[-1], 1, 1)
+    return base
 
 
 def _build_in_worker(task: str, out_dir: str, n_images: int, seed: int, n_train: int,
@@ -775,6 +795,8 @@ def build_demos(out_dir: str | Path, tasks: Sequence[str] = TASKS, n_images: int
         raise IngestError(f"unknown demo task {unknown[0]!r}", field="task", choices=list(TASKS))
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # The explanation plan names the old stores' images and predictions.
+    (out / PLAN_FILE).unlink(missing_ok=True)
     tasks = list(dict.fromkeys(tasks))
     workers = min(workers or os.cpu_count() or 1, len(tasks))
     train_sizes = {t: (n_train.get(t) if isinstance(n_train, Mapping) else n_train) or TRAIN_SCENES[t]
@@ -805,25 +827,242 @@ def build_demos(out_dir: str | Path, tasks: Sequence[str] = TASKS, n_images: int
         return {task: futures[task].result() for task in tasks}
 
 
+# --------------------------------------------------------------------------- explanation sample
+#
+# The demo stores ship explanations for their first ``EXPLAIN_IMAGES`` images, from both
+# models and every method that applies to the task. They are computed after the build by
+# ``visionlens demo --explain`` (started in the background by ``make run`` and by the app's
+# first start), which writes a part every ``EXPLAIN_CHUNK`` images, so the flyout shows a
+# map as soon as its part lands, and skips what is stored, so a stopped run resumes.
+
+
+# Targets per image: the predicted class; the two most probable labels; the three
+# highest-scored boxes (D-RISE explains the boxes of one image from the same masks).
+EXPLAIN_TOP_K = {"multiclass": 1, "multilabel": 2, "detection": 3}
+# Overrides of the methods' defaults that keep the sample within a few minutes on two
+# cores: D-RISE's time grows with its masks, and at the default 1000 it would take most of it.
+EXPLAIN_PARAMS = {"drise": {"n_masks": 300}}
+EXPLAIN_CHUNK = 10
+EXPLAIN_STAGE = "explanations: chunks"
+
+
+def explanation_methods(task: str) -> dict[str, dict]:
+    """Method → parameter overrides for the demo sample: every method that applies to ``task``.
+
+    XRAI's segmentation defaults are sized for 224-px inputs; the demo's scenes are
+    ``SIZES[task]`` px, so its segment size, smallest segment and dilation scale with them.
+    """
+    from .explain.methods import METHODS
+
+    params = {name: dict(EXPLAIN_PARAMS.get(name, {})) for name, method in METHODS.items()
+              if task in method.tasks}
+    if "xrai" in params:
+        defaults = METHODS["xrai"].defaults
+        ratio = SIZES[task] / defaults["segment_size"]
+        params["xrai"].update(segment_size=SIZES[task],
+                              min_segment_size=max(1, round(defaults["min_segment_size"] * ratio ** 2)),
+                              dilation_radius=max(1, round(defaults["dilation_radius"] * ratio)))
+    return params
+
+
+def plan_explanations(out_dir: str | Path, n_images: int = EXPLAIN_IMAGES) -> dict:
+    """The explanation sample of the demo stores in ``out_dir``, also written to ``PLAN_FILE``.
+
+    ``{"images": n, "stores": {name: {"task", "image_ids", "top_k", "methods": {method:
+    params}, "maps": [[model_id, method, image_id, target], ...]}}}``; ``maps`` lists every
+    map the sample holds when complete, so progress is stored maps over planned ones.
+    """
+    if n_images < 1:
+        raise IngestError(f"the explanation sample needs at least 1 image, got {n_images}",
+                          field="explain_images")
+    out = Path(out_dir).resolve()
+    bases = {task: out / f"demo-{task}.duckdb" for task in TASKS if (out / f"demo-{task}.duckdb").is_file()}
+    if not bases:
+        raise IngestError(f"no demo store in {out} to explain; build them with `visionlens demo --out {out}`",
+                          file=str(out))
+    from .explain.precompute import planned_maps  # imports captum: only once there is work
+    from .store import Store
+
+    stores = {}
+    for task, base in bases.items():
+        store = Store(base)
+        try:
+            image_ids = list(range(min(n_images, store.image_count())))
+        finally:
+            store.close()
+        methods = explanation_methods(task)
+        maps = planned_maps(base, list(methods), image_ids=image_ids, top_k=EXPLAIN_TOP_K[task])
+        stores[f"demo-{task}"] = {
+            "task": task, "image_ids": image_ids, "top_k": EXPLAIN_TOP_K[task], "methods": methods,
+            "maps": [[str(m), str(k), int(i), int(t)] for m, k, i, t in maps[PLAN_KEYS].itertuples(index=False)]}
+    plan = {"images": n_images, "stores": stores}
+    temporary = out / f".{PLAN_FILE}.tmp"
+    temporary.write_text(json.dumps(plan))
+    temporary.replace(out / PLAN_FILE)
+    return plan
+
+
+
+
+def explain_chunks(plan: dict) -> list[tuple[str, dict]]:
+    """The plan's work as (store, spec of ``EXPLAIN_CHUNK`` images), the stores' chunks taken
+    in turn, so every store gets its first maps early."""
+    per_store = [[(name, {**spec, "image_ids": spec["image_ids"][start:start + EXPLAIN_CHUNK]})
+                  for start in range(0, len(spec["image_ids"]), EXPLAIN_CHUNK)]
+                 for name, spec in plan["stores"].items()]
+    return [chunk for turn in itertools.zip_longest(*per_store) for chunk in turn if chunk is not None]
+
+
+def explain_chunk(out_dir: str | Path, name: str, spec: dict) -> int:
+    """Explain one chunk of a store's sample (a part of its own); rows written."""
+    from .explain.precompute import precompute
+
+    return precompute(Path(out_dir) / f"{name}.duckdb", list(spec["methods"]), image_ids=spec["image_ids"],
+                      top_k=spec["top_k"], params=spec["methods"])
+
+
+def _explain_in_worker(out_dir: str, name: str, spec: dict) -> int:
+    torch.set_num_threads(1)
+    return explain_chunk(out_dir, name, spec)
+
+
+def explain_demos(out_dir: str | Path, n_images: int = EXPLAIN_IMAGES, *, workers: int | None = None,
+                  progress: Progress | None = None) -> int:
+    """Plan and compute the explanation sample of the demo stores in ``out_dir``; rows written.
+
+    Chunks run in worker processes as the tasks of ``build_demos`` do, each writing a part,
+    so the app shows maps as they land; maps already stored are skipped, so a stopped run
+    resumes. ``progress`` gets ``("explanations: chunks", done, total)``.
+    """
+    plan = plan_explanations(out_dir, n_images)
+    out = str(Path(out_dir).resolve())
+    chunks = explain_chunks(plan)
+    workers = min(workers or os.cpu_count() or 1, len(chunks))
+    report = progress or (lambda stage, done, total: None)
+    report(EXPLAIN_STAGE, 0, len(chunks))
+    if workers <= 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            written = 0
+            for done, (name, spec) in enumerate(chunks, 1):
+                written += explain_chunk(out, name, spec)
+                report(EXPLAIN_STAGE, done, len(chunks))
+            return written
+        finally:
+            torch.set_num_threads(threads)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(_explain_in_worker, out, name, spec) for name, spec in chunks]
+        for done, future in enumerate(as_completed(futures), 1):
+            report(EXPLAIN_STAGE, done, len(chunks))
+        return sum(future.result() for future in futures)
+
+
+
+
+
+
+
+
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    text = str(error)
+    return text if isinstance(error, IngestError) or not text else f"{type(error).__name__}: {text}"
+
+
 def demo_main(argv: list[str] | None = None) -> int:
-    """``visionlens demo [--task T|all] [--images N] [--out DIR]``."""
+    """``visionlens demo [--task T|all] [--images N] [--out DIR] [--explain] ...``."""
     parser = argparse.ArgumentParser(prog="visionlens demo", description="build the demo stores")
     parser.add_argument("--task", choices=[*TASKS, "all"], default="all")
     parser.add_argument("--images", type=int, default=2000, help="images per store (default 2000)")
     parser.add_argument("--out", default="data", help="folder for the stores (default data/)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-scenes", type=int,
+                        help="training scenes per model (default per task: "
+                             + ", ".join(f"{t} {n}" for t, n in TRAIN_SCENES.items()) + ")")
+    parser.add_argument("--workers", type=int, help="worker processes (default: one per core, "
+                                                    "at most one per task)")
+    parser.add_argument("--explain", action="store_true",
+                        help="instead of building, compute the explanation sample of the demo stores "
+                             "in --out (resumable; ends at once if another process is computing it)")
+    parser.add_argument("--explain-images", type=int, default=EXPLAIN_IMAGES,
+                        help=f"images per store in the explanation sample (default {EXPLAIN_IMAGES})")
+    parser.add_argument("--then-explain", action="store_true",
+                        help="after building, compute the explanation sample in a background process")
+    # The descriptor of the lock (BUILD_LOCK, or EXPLAIN_LOCK with --explain) when the
+    # process that started this one took it already.
+    parser.add_argument("--lock-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     tasks = TASKS if args.task == "all" else (args.task,)
+    out = Path(args.out)
     started = time.perf_counter()
     last = [""]
 
     def report(stage: str, done: int, total: int) -> None:
+        status.progress(stage, done, total)
         if stage != last[0]:
             print(f"[{time.perf_counter() - started:5.1f}s] {stage}", flush=True)
             last[0] = stage
 
-    built = build_demos(args.out, tasks, args.images, args.seed, progress=report)
-    for task, path in built.items():
-        print(f"{task}: {path}")
-    print(f"built {len(built)} demo store(s) of {args.images} images in {time.perf_counter() - started:.1f}s")
+    if args.explain:
+        if args.lock_fd is not None:
+            lock = DemoLock.adopt(out / EXPLAIN_LOCK, args.lock_fd)
+        else:
+            lock = DemoLock(out / EXPLAIN_LOCK)
+            if not lock.acquire():
+                print(f"explanations are being computed by process {lock_holder(out / EXPLAIN_LOCK)}; "
+                      "nothing to do")
+                return 0
+        try:
+            status = StatusFile(out / EXPLAIN_STATUS, ["explanations"])
+            try:
+                written = explain_demos(out, args.explain_images, workers=args.workers, progress=report)
+            except BaseException as error:
+                status.fail(_describe(error))
+                raise
+            status.finish()
+        finally:
+            lock.release()
+        print(f"wrote {written} explanation rows in {time.perf_counter() - started:.1f}s")
+        return 0
+
+    # One build at a time in a folder: the app shows a running build's progress instead of
+    # starting another, and a second command refuses.
+    if args.lock_fd is not None:
+        build_lock = DemoLock.adopt(out / BUILD_LOCK, args.lock_fd)
+    else:
+        build_lock = DemoLock(out / BUILD_LOCK)
+        if not build_lock.acquire():
+            raise IngestError(f"another demo build is running in {out} (process "
+                              f"{lock_holder(out / BUILD_LOCK)})", file=str(out))
+    try:
+        status = StatusFile(out / BUILD_STATUS, tasks)
+        try:
+            built = build_demos(out, tasks, args.images, args.seed, progress=report,
+                                n_train=args.train_scenes, workers=args.workers)
+        except BaseException as error:
+            status.fail(_describe(error))
+            raise
+        status.finish()
+        for task, path in built.items():
+            print(f"{task}: {path}")
+        print(f"built {len(built)} demo store(s) of {args.images} images in "
+              f"{time.perf_counter() - started:.1f}s")
+        if args.then_explain:
+            # Started while the build still holds its lock: the app never sees a moment with
+            # neither step running.
+            child = start_explaining(out, args.explain_images, args.workers)
+            print(f"computing the explanation sample in the background (process {child.pid}, log "
+                  f"{out / EXPLAIN_LOG})" if child else
+                  f"explanations are being computed by process {lock_holder(out / EXPLAIN_LOCK)}")
+    finally:
+        build_lock.release()
     return 0
+

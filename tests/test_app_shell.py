@@ -11,7 +11,7 @@ from core.cohorts import catalog_of, cohort_count, parse_query
 from core.state import StateDB
 from app import nav
 from core.store import Store
-from e2e.harness import APP, open_app, served_navigation
+from e2e.harness import open_app, served_navigation
 from e2e.stores import build_all
 
 
@@ -62,14 +62,6 @@ def expected_count(stores: Path, name: str, query: str) -> int:
     model = parsed.view.model or catalog.models[0]
     return cohort_count(store, parsed.cohort, model, state=StateDB.for_store(store.paths.base),
                         **parsed.view.thresholds(catalog))
-
-
-def test_no_store_explains_how_to_build_one(tmp_path, monkeypatch):
-    monkeypatch.setenv("VISIONLENS_DATA", str(tmp_path))
-    at = AppTest.from_file(APP, default_timeout=120).run()
-    assert not at.exception
-    assert any("visionlens demo" in m.value for m in at.markdown)
-    assert any("No dataset" in i.value for i in at.info)
 
 
 def test_default_store_and_model_are_written_into_the_url(app):

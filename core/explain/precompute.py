@@ -103,6 +103,36 @@ def precompute(store_path: str | os.PathLike, methods: Sequence[str], *, model_i
     return writer.written
 
 
+def planned_maps(store_path: str | os.PathLike, methods: Sequence[str], *, model_id: str | None = None,
+                 image_ids: Sequence[int] | None = None, targets: Targets = "pred",
+                 top_k: int = 1) -> pd.DataFrame:
+    """The maps ``precompute`` with these arguments covers, computing nothing.
+
+    One row per (model_id, method, image_id, target), with ``stored`` True for the maps
+    already in the store: what a resumed run would skip.
+    """
+    store = Store(store_path)
+    try:
+        entries = [method_for(m, store.task) for m in methods]
+        if not entries:
+            raise ExplainError("no explanation method given", field="methods", choices=list(METHODS))
+        images = _images(store, image_ids)
+        frames = []
+        for model in _runnable_models(store, model_id)["model_id"]:
+            wanted = _targets(store, store.task, model, images, targets, top_k)[["image_id", "target"]]
+            wanted = wanted.astype(np.int64)
+            for entry in entries:
+                done = stored_keys(store, model, entry.name).astype(np.int64).assign(stored=True)
+                keys = wanted.merge(done, on=["image_id", "target"], how="left")
+                frames.append(pd.DataFrame({
+                    "model_id": model, "method": entry.name, "image_id": keys["image_id"],
+                    "target": keys["target"], "stored": keys["stored"].notna().to_numpy()}))
+    finally:
+        store.close()
+    columns = ["model_id", "method", "image_id", "target", "stored"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+
 def _explain_batch(model: torch.nn.Module, model_id: str, method: str, task: str,
                    batch: pd.DataFrame, input_size: Sequence[int] | None, params: dict,
                    device: torch.device) -> pa.Table:
