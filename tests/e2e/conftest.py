@@ -100,7 +100,10 @@ def server(e2e_stores, tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def browser(server):
+def browser():
+    """One Chromium for the session: Playwright's sync API cannot start a second one inside it."""
+    if not CHROMIUM.exists():
+        pytest.skip("chromium is not installed (run `make browser`)")
     with chromium() as launched:
         yield launched
 

@@ -23,7 +23,7 @@ from core.ingest.build import Dataset, ModelRun, build_store
 from core.models import predict_classifier
 from core.robustness import run_counterfactuals, run_sweep
 
-from .conftest import CHROMIUM, chromium, serve
+from .conftest import CHROMIUM, serve
 from .helpers import query, settle, shot, visit
 
 STORE = "whatif-multiclass"
@@ -72,15 +72,9 @@ def whatif_server(tmp_path_factory):
         yield base
 
 
-@pytest.fixture(scope="module")
-def whatif_browser(whatif_server):
-    with chromium() as browser:
-        yield browser
-
-
 @pytest.fixture
-def whatif_page(whatif_browser, whatif_server):
-    context = whatif_browser.new_context(viewport={"width": 1440, "height": 1100})
+def whatif_page(browser, whatif_server):
+    context = browser.new_context(viewport={"width": 1440, "height": 1100})
     # The app may reach only itself: a CDN request fails the page instead of passing unnoticed.
     context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(whatif_server)
                   else route.abort())
