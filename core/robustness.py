@@ -528,6 +528,17 @@ def sweep_frames(runner: Runner, store: Store, image_ids: np.ndarray, images: to
     return {TABLE: frame, DETS_TABLE: dets, GTS_TABLE: gts}
 
 
+def _rerun_inputs(store_path, model_id: str | None, device, runner: "Runner | None",
+                  cohorts: Sequence[str]) -> tuple[Store, str, "Runner", np.ndarray]:
+    """The store, the model to re-run (default its first), its runner and the cohorts' images."""
+    store = Store(store_path)
+    model_id = model_id or (store.model_ids() or [None])[0]
+    if model_id is None:
+        raise EvalError("the store has no model to re-run", field="model")
+    runner = runner or Runner.load(store, model_id, device)
+    return store, model_id, runner, cohort_image_ids(store, cohorts, model_id)
+
+
 def run_sweep(store_path: str | Path, perturbation: str, levels: Sequence[float], *, model_id: str | None = None,
               cohorts: Sequence[str] = (), device: str | None = None, batch_size: int = DEFAULT_BATCH,
               seed: int = 0, chunk_images: int = 256, flush_images: int = FLUSH_IMAGES,
@@ -543,12 +554,7 @@ def run_sweep(store_path: str | Path, perturbation: str, levels: Sequence[float]
     wanted = tuple(sorted({_level(P.check_strength(perturbation, v)) for v in levels}, key=abs))
     if not wanted:
         raise EvalError("give at least one level", field="levels")
-    store = Store(store_path)
-    model_id = model_id or (store.model_ids() or [None])[0]
-    if model_id is None:
-        raise EvalError("the store has no model to re-run", field="model")
-    runner = runner or Runner.load(store, model_id, device)
-    image_ids = cohort_image_ids(store, cohorts, model_id)
+    store, model_id, runner, image_ids = _rerun_inputs(store_path, model_id, device, runner, cohorts)
     done = _done(store, model_id, perturbation)
     keys = pd.DataFrame({"image_id": np.repeat(image_ids, len(wanted)), "level": np.tile(wanted, len(image_ids))})
     done = pd.DataFrame({"image_id": done["image_id"].to_numpy(np.int64),
@@ -815,12 +821,7 @@ def run_counterfactuals(store_path: str | Path, perturbation: str, *, bounds: Se
     the number of rows written."""
     kind = P.kind(perturbation)
     bounds = tuple(kind.bounds if bounds is None else bounds)
-    store = Store(store_path)
-    model_id = model_id or (store.model_ids() or [None])[0]
-    if model_id is None:
-        raise EvalError("the store has no model to re-run", field="model")
-    runner = runner or Runner.load(store, model_id, device)
-    image_ids = cohort_image_ids(store, cohorts, model_id)
+    store, model_id, runner, image_ids = _rerun_inputs(store_path, model_id, device, runner, cohorts)
     done: set[tuple[int, int]] = set()
     if store.has_table(COUNTERFACTUALS):
         rows = store.rows(f'SELECT DISTINCT image_id, direction FROM "{COUNTERFACTUALS}" '

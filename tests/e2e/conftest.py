@@ -114,23 +114,30 @@ def outside_requests() -> list[str]:
     return []
 
 
+def isolated_context(browser, base: str, outside_requests: list[str]):
+    """A fresh browser context (like a new browser) that may reach only the app at ``base``:
+    every other request is aborted and recorded in ``outside_requests``."""
+    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+
+    def route(request_route):
+        url = request_route.request.url
+        if url.startswith(base) or url.startswith("data:") or url.startswith("blob:"):
+            request_route.continue_()
+        else:
+            outside_requests.append(url)
+            request_route.abort()
+
+    context.route("**/*", route)
+    return context
+
+
 @pytest.fixture
 def new_page(browser, server, outside_requests):
     """A factory of fresh pages (each its own browser context, like a new browser)."""
     contexts = []
 
     def make():
-        context = browser.new_context(viewport={"width": 1440, "height": 1000})
-
-        def route(request_route):
-            url = request_route.request.url
-            if url.startswith(server) or url.startswith("data:") or url.startswith("blob:"):
-                request_route.continue_()
-            else:
-                outside_requests.append(url)
-                request_route.abort()
-
-        context.route("**/*", route)
+        context = isolated_context(browser, server, outside_requests)
         contexts.append(context)
         return context.new_page()
 

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,20 +14,12 @@ import pytest
 from core import demo, demo_jobs
 from core.store import list_stores
 
-from .conftest import ROOT, STARTUP_S
+from .conftest import ROOT, isolated_context, serve
 from .helpers import shot
 
 # A quick demo: few images and training scenes, one worker, two explained images per store.
 DEMO_ARGS = "--images 12 --train-scenes 60 --workers 1 --explain-images 2"
 BUILD_S = 180  # generous: the CI machine's two cores are shared with other tests
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _stop_group(lock: Path) -> None:
@@ -47,36 +36,12 @@ def _stop_group(lock: Path) -> None:
 def empty_server(browser, tmp_path):
     """`streamlit run` over a data folder that does not exist yet."""
     folder = tmp_path / "data"
-    port = _free_port()
-    log_path = tmp_path / "streamlit.log"
-    env = dict(os.environ, VISIONLENS_DATA=str(folder), VISIONLENS_DEMO_ARGS=DEMO_ARGS)
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"), "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.headless", "true"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/_stcore/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()}")
-            time.sleep(0.3)
-        yield base, folder
-    finally:
-        for lock in (demo_jobs.BUILD_LOCK, demo_jobs.EXPLAIN_LOCK):
-            _stop_group(folder / lock)
-        process.terminate()
+    with serve(folder, tmp_path / "streamlit.log", env={"VISIONLENS_DEMO_ARGS": DEMO_ARGS}) as base:
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            yield base, folder
+        finally:
+            for lock in (demo_jobs.BUILD_LOCK, demo_jobs.EXPLAIN_LOCK):
+                _stop_group(folder / lock)
 
 
 def _read(path: Path) -> str:
@@ -84,17 +49,7 @@ def _read(path: Path) -> str:
 
 
 def _page(browser, base: str, outside_requests: list[str]):
-    context = browser.new_context(viewport={"width": 1440, "height": 1000})
-
-    def route(request_route):
-        url = request_route.request.url
-        if url.startswith(base) or url.startswith("data:") or url.startswith("blob:"):
-            request_route.continue_()
-        else:
-            outside_requests.append(url)
-            request_route.abort()
-
-    context.route("**/*", route)
+    context = isolated_context(browser, base, outside_requests)
     return context, context.new_page()
 
 
