@@ -23,7 +23,8 @@ from core.error_analysis import available_features
 from core.fairness import BINNINGS, METRICS as GROUP_METRICS, cohort_group_metrics
 from core.metrics.classification import (NORMALIZATIONS, classification_metrics, confusion_matrix,
                                          multilabel_arrays, multilabel_metrics, normalize_confusion)
-from core.metrics.detection import AVERAGES, BACKGROUND, confusion_matrix_detection, detection_metrics, tide_errors
+from core.metrics.detection import (AVERAGES, BACKGROUND, CohortEvaluation, confusion_matrix_detection,
+                                    detection_metrics, evaluate_cohort, pr_curves, tide_errors)
 from core.report_charts import metric_by_group
 
 from .state import View
@@ -167,6 +168,15 @@ def _selection_key(view: View, cohort: Cohort) -> tuple[str, list]:
 # --------------------------------------------------------------------------- cached engine calls
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _cohort_evaluation(_store, store_key: tuple, model_id: str, selection: tuple[str, list],
+                       classes: tuple[int, ...] | None) -> CohortEvaluation:
+    """A detection cohort's evaluation at every IoU threshold: the part of its metrics that
+    changing the IoU or score threshold leaves alone (ranking ten million detections takes
+    seconds; the counts at a new threshold, one aggregate query)."""
+    return evaluate_cohort(_store, model_id, selection, classes=list(classes) if classes else None)
+
+
 @st.cache_data(show_spinner=False, max_entries=512)
 def _cohort_metrics(_store, store_key: tuple, task: str, model_id: str, selection: tuple[str, list],
                     thresholds: tuple, average: str, classes: tuple[int, ...] | None) -> dict:
@@ -182,7 +192,8 @@ def _cohort_metrics(_store, store_key: tuple, task: str, model_id: str, selectio
     else:
         result = detection_metrics(_store, model_id, chosen, iou=limits["iou"],
                                    score_threshold=limits["score_threshold"],
-                                   classes=list(classes) if classes else None, average=average)
+                                   classes=list(classes) if classes else None, average=average,
+                                   evaluation=_cohort_evaluation(_store, store_key, model_id, selection, classes))
         result = {**result, **result["aggregates"][average]}
         result["mAP"] = result["aggregates"][average]["AP_iou"]
         per_class = result["per_class"]
@@ -546,87 +557,95 @@ def _default_classes(view: View) -> list[str]:
 
 
 def visualisations(view: View, cohorts: Sequence[NamedCohort]) -> None:
-    """Metrics bar chart, confusion matrix and, for detection, PR curves and TIDE errors."""
+    """Metrics bar chart, confusion matrix and, for detection, PR curves and TIDE errors.
+
+    Only the open tab runs: on a big detection store each of the others reads every
+    detection of a cohort."""
     names = [c.name for c in cohorts]
     by_name = {c.name: c for c in cohorts}
-    tabs = ["Metrics chart", "Confusion matrix"] + (["PR curves", "TIDE errors"] if view.task == "detection" else [])
-    shown = st.tabs(tabs)
-    with shown[0]:
-        picked = st.multiselect("Cohorts", names, default=names[:6], key=f"vl_viz_cohorts_{view.store.name}")
-        chosen = chosen_metrics(view)
-        average, classes = detection_settings(view) if view.task == "detection" else ("macro", None)
-        rows = []
-        for name in picked:
-            if not view.count(by_name[name].cohort):
-                continue
-            values = cohort_metrics(view, by_name[name].cohort, average=average, classes=classes)["values"]
-            rows += [{"cohort": name, "metric": s.label, "value": values.get(s.key)} for s in chosen]
-        frame = pd.DataFrame(rows, columns=["cohort", "metric", "value"]).dropna()
-        if frame.empty:
-            st.info("Choose metrics (Dataset cohorts view) and at least one cohort holding images.")
-        else:
-            st.caption("Metrics: " + ", ".join(s.label for s in chosen) + " (chosen on the Dataset cohorts view).")
-            st.altair_chart(metrics_chart(frame), width="stretch")
     current = current_cohort_name(view, cohorts)
-    with shown[1]:
-        cols = st.columns([2, 4, 2], vertical_alignment="bottom")
-        cohort_name = cols[0].selectbox("Cohort", names, index=names.index(current), key="vl_cm_cohort")
-        noun = "Labels" if view.task == "multilabel" else "Classes"
-        classes = cols[1].multiselect(noun, list(view.classes), default=_default_classes(view),
-                                      key=f"vl_cm_classes_{view.store.name}")
-        if view.task == "multilabel":
-            normalize = "true" if cols[2].toggle("Share per label", key="vl_cm_norm_ml") else None
-        else:
-            normalize = cols[2].selectbox("Normalisation", NORMALIZATIONS, format_func=NORMALIZATION_LABELS.get,
-                                          key="vl_cm_norm")
-        if not classes:
-            st.info(f"Choose at least one {noun.lower()[:-1] if view.task == 'multilabel' else 'class'}.")
-        else:
-            ids = tuple(sorted(view.classes.index(c) for c in classes))
-            matrix = _confusion(view.store, view.store_key, view.task, view.model_id,
-                                _selection_key(view, by_name[cohort_name].cohort),
-                                tuple(sorted(view.thresholds.items())), ids, normalize, tuple(view.classes))
-            if view.task == "detection":
-                st.caption(f"At IoU {view.iou:.2f} and score ≥ {view.score_threshold:.2f}. The background row holds "
-                           "false positives on nothing, the background column objects no box found.")
-            elif view.task == "multilabel":
-                st.caption(f"Per label, at label threshold {view.label_threshold:.2f}.")
-            st.altair_chart(confusion_chart(matrix, normalized=normalize is not None), width="content")
-    if view.task != "detection":
+    drawers = {"Metrics chart": _metrics_chart_tab, "Confusion matrix": _confusion_tab}
+    if view.task == "detection":
+        drawers.update({"PR curves": _pr_curves_tab, "TIDE errors": _tide_tab})
+    tabs = st.tabs(list(drawers), key="vl_viz_tab", on_change="rerun")
+    for tab, draw in zip(tabs, drawers.values()):
+        with tab:
+            if tab.open:
+                draw(view, names, by_name, current)
+
+
+def _metrics_chart_tab(view: View, names: list[str], by_name: dict[str, NamedCohort], current: str) -> None:
+    picked = st.multiselect("Cohorts", names, default=names[:6], key=f"vl_viz_cohorts_{view.store.name}")
+    chosen = chosen_metrics(view)
+    average, classes = detection_settings(view) if view.task == "detection" else ("macro", None)
+    rows = []
+    for name in picked:
+        if not view.count(by_name[name].cohort):
+            continue
+        values = cohort_metrics(view, by_name[name].cohort, average=average, classes=classes)["values"]
+        rows += [{"cohort": name, "metric": s.label, "value": values.get(s.key)} for s in chosen]
+    frame = pd.DataFrame(rows, columns=["cohort", "metric", "value"]).dropna()
+    if frame.empty:
+        st.info("Choose metrics (Dataset cohorts view) and at least one cohort holding images.")
+    else:
+        st.caption("Metrics: " + ", ".join(s.label for s in chosen) + " (chosen on the Dataset cohorts view).")
+        st.altair_chart(metrics_chart(frame), width="stretch")
+
+
+def _confusion_tab(view: View, names: list[str], by_name: dict[str, NamedCohort], current: str) -> None:
+    cols = st.columns([2, 4, 2], vertical_alignment="bottom")
+    cohort_name = cols[0].selectbox("Cohort", names, index=names.index(current), key="vl_cm_cohort")
+    noun = "Labels" if view.task == "multilabel" else "Classes"
+    classes = cols[1].multiselect(noun, list(view.classes), default=_default_classes(view),
+                                  key=f"vl_cm_classes_{view.store.name}")
+    if view.task == "multilabel":
+        normalize = "true" if cols[2].toggle("Share per label", key="vl_cm_norm_ml") else None
+    else:
+        normalize = cols[2].selectbox("Normalisation", NORMALIZATIONS, format_func=NORMALIZATION_LABELS.get,
+                                      key="vl_cm_norm")
+    if not classes:
+        st.info(f"Choose at least one {noun.lower()[:-1] if view.task == 'multilabel' else 'class'}.")
         return
-    with shown[2]:
-        cols = st.columns([2, 5], vertical_alignment="bottom")
-        cohort_name = cols[0].selectbox("Cohort", names, index=names.index(current), key="vl_pr_cohort")
-        classes = cols[1].multiselect("Classes", list(view.classes), default=_default_classes(view)[:6],
-                                      key=f"vl_pr_classes_{view.store.name}")
-        result = detection_metrics_for_curves(view, by_name[cohort_name].cohort)
-        st.caption(f"Precision against recall at IoU {view.iou:.2f} (COCO's 101 recall points, every area, up to 100 "
-                   "detections per image).")
-        st.altair_chart(pr_curves_chart(result, list(view.classes), [view.classes.index(c) for c in classes]),
-                        width="stretch")
-    with shown[3]:
-        cohort_name = st.selectbox("Cohort", names, index=names.index(current), key="vl_tide_cohort")
-        tide = _tide(view.store, view.store_key, view.model_id, _selection_key(view, by_name[cohort_name].cohort),
-                     tuple(sorted(view.thresholds.items())))
-        st.caption(f"TIDE error types at IoU {view.iou:.2f}: each false positive and missed object gets one type; "
-                   f"dAP is the AP gained if that type were fixed (base AP {tide['ap']:.4f}).")
-        st.altair_chart(tide_chart(tide["errors"]), width="stretch")
-        legend = " · ".join(f"**{k}**: {v}" for k, v in TIDE_HELP.items())
-        st.caption(legend)
-        special = tide["special"]
-        st.caption(f"Removing every false positive would add {special['FalsePos']:.4f} AP; finding every missed "
-                   f"object {special['FalseNeg']:.4f}.")
+    ids = tuple(sorted(view.classes.index(c) for c in classes))
+    matrix = _confusion(view.store, view.store_key, view.task, view.model_id,
+                        _selection_key(view, by_name[cohort_name].cohort),
+                        tuple(sorted(view.thresholds.items())), ids, normalize, tuple(view.classes))
+    if view.task == "detection":
+        st.caption(f"At IoU {view.iou:.2f} and score ≥ {view.score_threshold:.2f}. The background row holds "
+                   "false positives on nothing, the background column objects no box found.")
+    elif view.task == "multilabel":
+        st.caption(f"Per label, at label threshold {view.label_threshold:.2f}.")
+    st.altair_chart(confusion_chart(matrix, normalized=normalize is not None), width="content")
+
+
+def _pr_curves_tab(view: View, names: list[str], by_name: dict[str, NamedCohort], current: str) -> None:
+    cols = st.columns([2, 5], vertical_alignment="bottom")
+    cohort_name = cols[0].selectbox("Cohort", names, index=names.index(current), key="vl_pr_cohort")
+    classes = cols[1].multiselect("Classes", list(view.classes), default=_default_classes(view)[:6],
+                                  key=f"vl_pr_classes_{view.store.name}")
+    result = detection_metrics_for_curves(view, by_name[cohort_name].cohort)
+    st.caption(f"Precision against recall at IoU {view.iou:.2f} (COCO's 101 recall points, every area, up to 100 "
+               "detections per image).")
+    st.altair_chart(pr_curves_chart(result, list(view.classes), [view.classes.index(c) for c in classes]),
+                    width="stretch")
+
+
+def _tide_tab(view: View, names: list[str], by_name: dict[str, NamedCohort], current: str) -> None:
+    cohort_name = st.selectbox("Cohort", names, index=names.index(current), key="vl_tide_cohort")
+    tide = _tide(view.store, view.store_key, view.model_id, _selection_key(view, by_name[cohort_name].cohort),
+                 tuple(sorted(view.thresholds.items())))
+    st.caption(f"TIDE error types at IoU {view.iou:.2f}: each false positive and missed object gets one type; "
+               f"dAP is the AP gained if that type were fixed (base AP {tide['ap']:.4f}, ranking the detections scored ≥ "
+               f"{view.score_threshold:.2f}).")
+    st.altair_chart(tide_chart(tide["errors"]), width="stretch")
+    legend = " · ".join(f"**{k}**: {v}" for k, v in TIDE_HELP.items())
+    st.caption(legend)
+    special = tide["special"]
+    st.caption(f"Removing every false positive would add {special['FalsePos']:.4f} AP; finding every missed "
+               f"object {special['FalseNeg']:.4f}.")
 
 
 def detection_metrics_for_curves(view: View, cohort: Cohort) -> dict:
     """Per-class PR curves of a cohort (the cached detection metrics' curves)."""
-    return _curves(view.store, view.store_key, view.model_id, _selection_key(view, cohort),
-                   tuple(sorted(view.thresholds.items())))
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def _curves(_store, store_key: tuple, model_id: str, selection: tuple, thresholds: tuple) -> dict:
-    chosen = selection
-    limits = dict(thresholds)
-    return detection_metrics(_store, model_id, chosen, iou=limits["iou"],
-                             score_threshold=limits["score_threshold"])["curves"]
+    evaluation = _cohort_evaluation(view.store, view.store_key, view.model_id, _selection_key(view, cohort), None)
+    return pr_curves(evaluation, view.iou)

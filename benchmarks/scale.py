@@ -10,7 +10,9 @@ For each chosen task and size, builds (or reuses) a synthetic store
   (frame load and fit; the fit uses a uniform sample of at most
   ``TreeSettings.max_fit_rows`` images, as the page states), one image-grid
   page deep in a large cohort (``cohort_rows`` with LIMIT/OFFSET), and for
-  detection mAP at an IoU not asked for before (0.75);
+  detection the metrics at an IoU and a score threshold not asked for before
+  (the cohorts' evaluations cached, as the model overview keeps them) and
+  TIDE errors;
 - with ``--app``: the Streamlit server's resident memory (VmRSS, and VmHWM,
   its peak) after visiting every page in headless Chromium.
 
@@ -88,10 +90,15 @@ def engine_cases(store: Store, task: str) -> dict[str, Callable[[], object]]:
                                       catalog=catalog) for site in SITES]
     half = cohort_count(store, cohort, MODEL, catalog=catalog) // 2
     if task == "detection":
-        from core.metrics.detection import confusion_matrix_detection, detection_metrics
+        from core.metrics.detection import (confusion_matrix_detection, detection_metrics, evaluate_cohort,
+                                            tide_errors)
 
         def metrics(sel, iou=0.5):
             return detection_metrics(store, MODEL, sel, iou=iou)
+
+        # The model overview keeps each cohort's evaluation (every IoU threshold) in its cache, so a new
+        # IoU or score threshold re-reads only the counts at the threshold.
+        evaluations = [evaluate_cohort(store, MODEL, s) for s in [None, *site_selections]]
 
         confusion = lambda: confusion_matrix_detection(store, MODEL, selection, iou=0.5, score_threshold=0.5)  # noqa: E731
     else:
@@ -114,7 +121,12 @@ def engine_cases(store: Store, task: str) -> dict[str, Callable[[], object]]:
     frame = load_error_frame(store, cohort.__class__(), MODEL, TREE_FEATURES, catalog=catalog)
     cases["error tree: fit (all images)"] = lambda: fit_error_tree(frame, TreeSettings(), catalog=catalog)
     if task == "detection":
-        cases["mAP at a new IoU (0.75), all images"] = lambda: metrics(None, iou=0.75)
+        cases["metrics at a new IoU (0.75), all images"] = lambda: detection_metrics(
+            store, MODEL, None, iou=0.75, evaluation=evaluations[0])
+        cases["metrics table at a new score threshold (5 rows)"] = lambda: [
+            detection_metrics(store, MODEL, s, iou=0.75, score_threshold=0.3, evaluation=e)
+            for s, e in zip([None, *site_selections], evaluations)]
+        cases["TIDE errors (cohort)"] = lambda: tide_errors(store, MODEL, selection, iou=0.5, score_threshold=0.5)
     return cases
 
 

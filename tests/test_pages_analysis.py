@@ -101,6 +101,39 @@ def test_detection_map_follows_the_iou_in_the_url(app, stores):
     assert shown[0.5] != shown[0.75]
 
 
+def test_detection_thresholds_reuse_the_cohort_evaluation(app, stores, monkeypatch):
+    """A new IoU or score threshold re-reads only the counts; the tabs not open compute nothing."""
+    import streamlit as st
+
+    from app import overview
+
+    calls = {"evaluate": 0, "tide": 0, "confusion": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(overview, "evaluate_cohort", counted("evaluate", overview.evaluate_cohort))
+    monkeypatch.setattr(overview, "tide_errors", counted("tide", overview.tide_errors))
+    monkeypatch.setattr(overview, "confusion_matrix_detection",
+                        counted("confusion", overview.confusion_matrix_detection))
+    st.cache_data.clear()
+    store = open_store(stores, "detection")
+    for query in ("iou=0.5", "iou=0.75", "iou=0.75&conf=0.3"):
+        at = app(f"store=demo-detection&{query}", OVERVIEW)
+        assert not at.exception
+        limits = dict(parse_qsl(query))
+        row = table_with(at, "mAP@IoU").set_index("Cohort").loc["All images"]
+        expected = detection_metrics(store, "baseline", None, iou=float(limits["iou"]),
+                                     score_threshold=float(limits.get("conf", 0.5)))
+        assert number(row["mAP@IoU"]) == pytest.approx(expected["mAP"], abs=SHOWN)
+        assert number(row["Precision@IoU"]) == pytest.approx(expected["aggregates"]["macro"]["precision"], abs=SHOWN)
+    # One evaluation per cohort (All images, North), whatever the thresholds; no hidden tab ran.
+    assert calls == {"evaluate": 2, "tide": 0, "confusion": 0}
+
+
 def test_multilabel_metrics_follow_the_label_threshold(app, stores):
     store = open_store(stores, "multilabel")
     for thr in (0.3, 0.7):

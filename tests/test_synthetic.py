@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from core.cohorts import cohort_summary
-from core.errors import IngestError
+from core.errors import EvalError, IngestError
 from core.matching import match_detections
 from core.store import Store
 from core.synthetic import CLASSES, build_synthetic_store, synthetic_main
@@ -117,3 +117,45 @@ def test_cli_and_bad_input(tmp_path, capsys):
     with pytest.raises(IngestError, match="at least one image"):
         build_synthetic_store(tmp_path / "x", n_images=0)
     assert not (tmp_path / "x.duckdb").exists()
+
+
+def test_one_evaluation_serves_every_threshold(detection_store):
+    """``evaluate_cohort`` once, then any IoU / score threshold equals a fresh evaluation; the
+    counts at the threshold equal a count over the stored masks; TIDE's base AP is the mAP."""
+    from core.matching import IOU_THRESHOLDS, bit_index
+    from core.metrics.detection import detection_metrics, evaluate_cohort, operating_counts, tide_errors
+
+    s = detection_store
+    cohort = ("SELECT image_id FROM images WHERE image_id % 3 = 0", [])
+    matches = s.query("SELECT image_id, class_id, score, rank, tp_mask, ignored_mask FROM det_matches "
+                      "WHERE model_id = 'baseline'")
+    in_cohort = matches[matches["image_id"] % 3 == 0]
+    for selection, dets in ((None, matches), (cohort, in_cohort)):
+        evaluation = evaluate_cohort(s, "baseline", selection)
+        for iou, score in ((0.5, 0.0), (0.75, 0.5), (0.95, 0.3)):
+            reused = detection_metrics(s, "baseline", selection, iou=iou, score_threshold=score,
+                                       evaluation=evaluation)
+            fresh = detection_metrics(s, "baseline", selection, iou=iou, score_threshold=score)
+            pd.testing.assert_frame_equal(reused["per_class"], fresh["per_class"])
+            assert reused["aggregates"] == fresh["aggregates"]
+            bit = bit_index(int(np.flatnonzero(np.isclose(IOU_THRESHOLDS, iou))[0]))
+            kept = dets[(dets["rank"] < 100) & (dets["score"].astype(np.float64) >= score)]
+            tp_mask, ignored_mask = kept["tp_mask"].to_numpy(np.int64), kept["ignored_mask"].to_numpy(np.int64)
+            tp = (tp_mask >> bit) & 1 == 1
+            fp = ((tp_mask | ignored_mask) >> bit) & 1 == 0
+            per_class = reused["per_class"].set_index("class_id")
+            assert per_class["n_tp"].sum() == tp.sum() and per_class["n_fp"].sum() == fp.sum() > 0
+            assert iou > 0.5 or tp.sum() > 0
+            if score == 0:  # TIDE's base ranks only the detections at or above the score threshold
+                assert tide_errors(s, "baseline", selection, iou=iou)["ap"] == pytest.approx(fresh["mAP"], abs=1e-12)
+        # Thresholds on the app's grid come from the evaluation; any other from one query: the same counts.
+        for t, score in ((0, 0.0), (5, 0.33), (2, 1.0)):
+            grid = evaluation.counts_at(t, score)
+            queried = operating_counts(s, "baseline", selection, evaluation.class_ids, IOU_THRESHOLDS[t], score)
+            assert np.array_equal(grid[0], queried[0]) and np.array_equal(grid[1], queried[1])
+        assert evaluation.counts_at(0, 0.333) is None
+        off_grid = detection_metrics(s, "baseline", selection, iou=0.5, score_threshold=0.333, evaluation=evaluation)
+        assert off_grid["per_class"]["n_tp"].sum() == ((dets["rank"] < 100) & (dets["score"].astype(np.float64) >= 0.333)
+                                                      & (dets["tp_mask"].to_numpy(np.int64) & 1 == 1)).sum()
+    with pytest.raises(EvalError):
+        detection_metrics(s, "candidate", None, evaluation=evaluation)

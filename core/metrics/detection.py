@@ -48,6 +48,9 @@ AVERAGES = ("macro", "micro", "weighted")
 BACKGROUND = "background"
 TIDE_ERRORS = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")
 _EPS = np.spacing(1)
+# Score thresholds whose counts a cohort's evaluation holds (the app's score slider steps);
+# any other threshold is counted by one query.
+SCORE_GRID = np.round(np.linspace(0.0, 1.0, 101), 2)
 _MAX_DET = MAX_DETS[-1]
 # ignored_mask of an unmatched detection, indexed by its area_mask: all thresholds of the
 # area ranges its area lies outside.
@@ -83,12 +86,23 @@ def _recall_counts(n_gt: np.ndarray) -> np.ndarray:
     return np.take_along_axis(cand, first[..., None], axis=-1)[..., 0].astype(np.int64)
 
 
+def _mask_bytes(masks: np.ndarray) -> np.ndarray:
+    """The little-endian bytes of int64 masks (8 per mask): a bit is then one strided byte test."""
+    return np.ascontiguousarray(masks, dtype="<i8").view(np.uint8)
+
+
+def _bit_flags(mask_bytes: np.ndarray, bit: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Bit ``bit`` of each mask (``_mask_bytes``), as booleans."""
+    return np.not_equal(mask_bytes[bit >> 3::8] & np.uint8(1 << (bit & 7)), 0, out=out)
+
+
 def _plane_flags(masks: np.ndarray, bits: np.ndarray) -> np.ndarray:
     """(len(bits), n) booleans: bit ``bits[p]`` of each mask, one contiguous row per plane."""
-    n_bytes = (int(bits.max()) >> 3) + 1 if len(bits) else 1
-    as_bytes = np.ascontiguousarray(masks.astype("<i8")).view(np.uint8).reshape(-1, 8)[:, :n_bytes]
-    unpacked = np.unpackbits(as_bytes, axis=1, bitorder="little")
-    return np.ascontiguousarray(unpacked[:, bits].T).view(bool)
+    mask_bytes = _mask_bytes(masks)
+    out = np.empty((len(bits), len(masks)), bool)
+    for p, bit in enumerate(np.asarray(bits).tolist()):
+        _bit_flags(mask_bytes, bit, out=out[p])
+    return out
 
 
 def accumulate(det_class: np.ndarray, det_rank: np.ndarray, det_tp_mask: np.ndarray,
@@ -137,10 +151,8 @@ def accumulate(det_class: np.ndarray, det_rank: np.ndarray, det_tp_mask: np.ndar
     rank_below = {m: rank < m for m in MAX_DETS[:-1]}
 
     # Counted detections up to each position if every detection were unmatched: per area.
-    cum_dtype = np.int32 if len(cls) < 2 ** 31 else np.int64
     # (Entry i counts positions < i.)
-    base_cum = {int(a): np.r_[0, np.cumsum((area_mask >> a) & 1, dtype=cum_dtype)].astype(cum_dtype)
-                for a in np.unique(plane_area)}
+    base_cum = {int(a): _prefix_counts((area_mask >> a) & 1) for a in np.unique(plane_area)}
     # Detections counted where "unmatched" says not, or the reverse, at some plane.
     counted_bits = ~ig_mask & plane_bits
     differs = counted_bits ^ (~_UNMATCHED_IGNORED[area_mask] & plane_bits)
@@ -195,6 +207,15 @@ def accumulate(det_class: np.ndarray, det_rank: np.ndarray, det_tp_mask: np.ndar
         s = np.where((need == 0) & (n_det[:, None] > 0), first_score[:, None], s)
         scores[t, :, :, a] = np.where(valid[:, None], s, -1.0).T
     return Accumulated(precision, scores, recall)
+
+
+def _prefix_counts(flags: np.ndarray) -> np.ndarray:
+    """Entry i: how many of ``flags[:i]`` are set (length n + 1)."""
+    dtype = np.int32 if len(flags) < 2 ** 31 else np.int64
+    out = np.empty(len(flags) + 1, dtype)
+    out[0] = 0
+    np.cumsum(flags.astype(dtype, copy=False), out=out[1:])
+    return out
 
 
 def _mean_valid(values: np.ndarray) -> float:
@@ -283,24 +304,14 @@ def _class_index(class_ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray,
     return index, inside
 
 
-def _cohort_dets(store, model_id, selection, score, class_ids, columns: str) -> dict:
+def _cohort_dets(store, model_id, selection, score, class_ids, columns: str, order_by: str | None = None) -> dict:
     """The cohort's detections within maxDets and above the score, of the chosen classes."""
     where, params = _cohort_clause(selection)
     sql = (f"SELECT {columns} FROM det_matches WHERE model_id = ? AND rank < {_MAX_DET} "
-           f"AND score >= ?{where}")
+           f"AND score >= ?{where}" + (f" ORDER BY {order_by}" if order_by else ""))
     rows = _fetch(store, sql, [model_id, score, *params])
     _, inside = _class_index(class_ids, rows["class_id"])
     return rows if inside.all() else {k: v[inside] for k, v in rows.items()}
-
-
-def _key_order(keys: np.ndarray) -> np.ndarray:
-    """``np.argsort(keys)`` for distinct non-negative integer keys (``order_key``), in one
-    linear scatter rather than a sort: the keys of a model are a permutation of its detections."""
-    if not len(keys):
-        return np.zeros(0, np.int64)
-    slots = np.full(int(keys.max()) + 1, -1, np.int64)
-    slots[keys] = np.arange(len(keys))
-    return slots[slots >= 0]
 
 
 def _cohort_gt_counts(store, model_id, selection, class_ids) -> np.ndarray:
@@ -316,9 +327,117 @@ def _cohort_gt_counts(store, model_id, selection, class_ids) -> np.ndarray:
 # --------------------------------------------------------------------------- metrics
 
 
+@dataclass(frozen=True)
+class CohortEvaluation:
+    """A cohort's COCO evaluation at every stored IoU threshold and area range.
+
+    Everything ``detection_metrics`` reports except the counts at the score threshold: the
+    IoU threshold only picks a plane of these arrays, so a page that caches this changes
+    either threshold by re-reading those counts alone (``operating_counts``).
+    """
+
+    model_id: str
+    class_ids: np.ndarray     # the evaluated classes (COCO catIds)
+    n_gt: np.ndarray          # (K, A) counted GTs per class and area range
+    per_class: Accumulated    # one ranking per class
+    micro: Accumulated        # every class's detections in one ranking (area all)
+    grid_tp: np.ndarray       # (T, K, len(SCORE_GRID)) true positives (area all) scored >= each grid value
+    grid_fp: np.ndarray       # (T, K, len(SCORE_GRID)) false positives, likewise
+
+    def counts_at(self, t: int, score: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """(true positives, false positives) per class at threshold index ``t`` and ``score``;
+        None when ``score`` is not a grid value."""
+        at = np.flatnonzero(SCORE_GRID == score)
+        return (self.grid_tp[t, :, at[0]], self.grid_fp[t, :, at[0]]) if len(at) else None
+
+
+def evaluate_cohort(store, model_id: str, selection: tuple[str, list] | None, *,
+                    classes: list[int] | None = None) -> CohortEvaluation:
+    """Accumulate a cohort's stored matches, COCO style, once for every threshold and area.
+
+    ``selection`` is ``(sql, params)`` of a SELECT with an ``image_id`` column (None: all
+    images); ``classes`` restricts the evaluated classes (COCO ``catIds``).
+    """
+    _check_model(store, model_id)
+    class_ids = _class_ids(store, classes)
+    d = _cohort_dets(store, model_id, selection, -math.inf, class_ids,
+                     # Narrow types: a million images bring ten million detections.
+                     "CAST(class_id AS INTEGER) AS class_id, CAST(rank AS SMALLINT) AS rank, "
+                     "tp_mask, ignored_mask, CAST(area_mask AS UTINYINT) AS area_mask, score",
+                     order_by="order_key")
+    n_gt = _cohort_gt_counts(store, model_id, selection, class_ids)
+    cls, _ = _class_index(class_ids, d["class_id"])
+    per_class = accumulate(cls, d["rank"], d["tp_mask"], d["ignored_mask"], d["area_mask"], d["score"], n_gt)
+    # Micro: ranked by score descending; equal scores keep the class-major COCO order (class,
+    # image, rank), so the result is deterministic.
+    by_score = np.argsort(-d["score"], kind="stable")
+    micro = accumulate(np.zeros(len(by_score), np.int64), d["rank"][by_score], d["tp_mask"][by_score],
+                       d["ignored_mask"][by_score], d["area_mask"][by_score], d["score"][by_score],
+                       n_gt.sum(axis=0, keepdims=True), areas=(0,))
+    del by_score
+    grid_tp, grid_fp = _grid_counts(cls, d["score"], d["tp_mask"], d["ignored_mask"], len(class_ids))
+    return CohortEvaluation(model_id, class_ids, n_gt, per_class, micro, grid_tp, grid_fp)
+
+
+def _grid_counts(cls: np.ndarray, score: np.ndarray, tp_mask: np.ndarray, ignored_mask: np.ndarray,
+                 n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(T, K, G) true and false positive counts (area all) of the detections scored at least each
+    ``SCORE_GRID`` value, from detections in COCO order (maxDets 100).
+
+    Within a class the detections run by score descending, so those kept at a threshold are a
+    prefix of the class's run: each count is a difference of two positions among the plane's
+    true (false) positives.
+    """
+    bounds = np.searchsorted(cls, np.arange(n_classes + 1))
+    descending = -score.astype(np.float64)  # ascending within each class: searchsorted works per run
+    ends = np.stack([lo + np.searchsorted(descending[lo:hi], -SCORE_GRID, side="right")
+                     for lo, hi in zip(bounds[:-1], bounds[1:])]) if n_classes else \
+        np.zeros((0, len(SCORE_GRID)), np.int64)
+    tp_bytes, decided_bytes = _mask_bytes(tp_mask), _mask_bytes(tp_mask | ignored_mask)
+    out = []
+    for mask_bytes, wanted in ((tp_bytes, True), (decided_bytes, False)):
+        counts = np.empty((N_THRESHOLDS, n_classes, len(SCORE_GRID)), np.int64)
+        for t in range(N_THRESHOLDS):  # area 'all': bit t
+            flags = _bit_flags(mask_bytes, bit_index(t, 0))
+            positions = np.flatnonzero(flags if wanted else ~flags)
+            counts[t] = (np.searchsorted(positions, ends)
+                         - np.searchsorted(positions, bounds[:-1])[:, None])
+        out.append(counts)
+    return out[0], out[1]
+
+
+def operating_counts(store, model_id: str, selection: tuple[str, list] | None, class_ids: np.ndarray,
+                     iou: float, score_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(true positives, false positives) per class of ``class_ids`` at ``iou`` (area all, maxDets
+    100) among the cohort's detections scored at least ``score_threshold``."""
+    bit = bit_index(threshold_index(iou), 0)
+    where, params = _cohort_clause(selection)
+    rows = _fetch(store, (
+        "SELECT class_id, count(*) FILTER ((tp_mask >> ?) & 1 = 1) AS n_tp, "
+        "count(*) FILTER (((tp_mask | ignored_mask) >> ?) & 1 = 0) AS n_fp FROM det_matches "
+        f"WHERE model_id = ? AND rank < {_MAX_DET} AND score >= ?{where} GROUP BY class_id"),
+        [bit, bit, model_id, score_value(score_threshold), *params])
+    index, inside = _class_index(class_ids, rows["class_id"])
+    n_tp, n_fp = np.zeros(len(class_ids), np.int64), np.zeros(len(class_ids), np.int64)
+    n_tp[index[inside]] = rows["n_tp"][inside]
+    n_fp[index[inside]] = rows["n_fp"][inside]
+    return n_tp, n_fp
+
+
+def pr_curves(evaluation: CohortEvaluation, iou: float) -> dict[int, dict[str, np.ndarray]]:
+    """class_id -> 101-point ``recall`` / ``precision`` / ``scores`` at ``iou``, area all,
+    maxDets 100 (pycocotools' ``eval['precision']``), for the classes with GT."""
+    t = threshold_index(iou)
+    acc = evaluation.per_class
+    return {int(k): {"recall": RECALL_THRESHOLDS.copy(), "precision": acc.precision[t, :, i, 0].copy(),
+                     "scores": acc.scores[t, :, i, 0].copy()}
+            for i, k in enumerate(evaluation.class_ids) if evaluation.n_gt[i, 0] > 0}
+
+
 def detection_metrics(store, model_id: str, selection: tuple[str, list] | None, *,
                       iou: float | None = None, score_threshold: float = 0.0,
-                      classes: list[int] | None = None, average: str = "macro") -> dict:
+                      classes: list[int] | None = None, average: str = "macro",
+                      evaluation: CohortEvaluation | None = None) -> dict:
     """COCO metrics of ``model_id`` on a cohort, from stored matches.
 
     ``selection`` is ``(sql, params)`` of a SELECT with an ``image_id`` column (None: all
@@ -327,6 +446,8 @@ def detection_metrics(store, model_id: str, selection: tuple[str, list] | None, 
     pycocotools does; ``score_threshold`` is the operating point: the counts, precision,
     recall and F1 count only detections scored at least that (greedy matching in score
     order means a kept detection's match does not depend on the dropped ones).
+    ``evaluation``: this cohort's ``evaluate_cohort`` result, when the caller holds it (then
+    only the counts at the score threshold are read).
 
     Returns a dict with the 12 COCO stats (keys ``STAT_KEYS``, macro over classes with GT, -1
     when undefined, as pycocotools), ``mAP`` (AP at ``iou``, averaged as ``average``:
@@ -335,30 +456,22 @@ def detection_metrics(store, model_id: str, selection: tuple[str, list] | None, 
     -> AP, AP at iou, AR100, precision / recall / F1 at iou and score threshold),
     ``per_class`` (DataFrame: class_id, name, n_gt, n_tp, n_fp, n_fn, precision, recall, f1 at
     iou and score threshold; AP, AP50, AP75, AP_iou, AR100; -1 where no GT) and ``curves``
-    (class_id -> 101-point ``recall`` / ``precision`` / ``scores`` at iou, area all,
-    maxDets 100, as pycocotools' ``eval['precision']``).
+    (``pr_curves`` at iou).
     """
-    _check_model(store, model_id)
     t = threshold_index(0.5 if iou is None else iou)
     score = score_value(score_threshold)
     if average not in AVERAGES:
         raise EvalError(f"unknown average {average!r}", field="average", choices=list(AVERAGES))
-    class_ids = _class_ids(store, classes)
-    dets = _cohort_dets(store, model_id, selection, -math.inf, class_ids,
-                        # Narrow types: a million images bring ten million detections.
-                        "CAST(class_id AS INTEGER) AS class_id, CAST(rank AS SMALLINT) AS rank, order_key, "
-                        "tp_mask, ignored_mask, CAST(area_mask AS UTINYINT) AS area_mask, score")
-    n_gt = _cohort_gt_counts(store, model_id, selection, class_ids)
-    order = _key_order(dets.pop("order_key"))
-    d = {k: dets.pop(k)[order] for k in list(dets)}  # each unordered column freed once ordered
-    cls, _ = _class_index(class_ids, d["class_id"])
-    acc = accumulate(cls, d["rank"], d["tp_mask"], d["ignored_mask"], d["area_mask"], d["score"],
-                     n_gt)
-    result: dict = dict(coco_stats(acc))
-
-    kept = d["score"] >= score
-    columns = _per_class(acc, d, cls, n_gt, t, kept)
-    aggregates = _aggregates(columns, _micro(d, cls, n_gt, t, kept))
+    if evaluation is None:
+        evaluation = evaluate_cohort(store, model_id, selection, classes=classes)
+    elif evaluation.model_id != model_id or not np.array_equal(evaluation.class_ids, _class_ids(store, classes)):
+        raise EvalError("the evaluation given is of another model or set of classes", field="evaluation")
+    class_ids, n_gt = evaluation.class_ids, evaluation.n_gt
+    n_tp, n_fp = evaluation.counts_at(t, score) or \
+        operating_counts(store, model_id, selection, class_ids, IOU_THRESHOLDS[t], score)
+    result: dict = dict(coco_stats(evaluation.per_class))
+    columns = _per_class(evaluation.per_class, n_tp, n_fp, n_gt, t)
+    aggregates = _aggregates(columns, _micro(evaluation.micro, n_tp, n_fp, n_gt, t))
     names = store.classes
     per_class = pd.DataFrame({"class_id": class_ids.astype(np.int64),
                               "name": [names[k] for k in class_ids], **columns})
@@ -366,20 +479,9 @@ def detection_metrics(store, model_id: str, selection: tuple[str, list] | None, 
         "model_id": model_id, "iou": float(IOU_THRESHOLDS[t]), "score_threshold": score,
         "average": average, "mAP": aggregates[average]["AP_iou"],
         "aggregates": aggregates, "per_class": per_class,
-        "curves": {int(k): {"recall": RECALL_THRESHOLDS.copy(),
-                            "precision": acc.precision[t, :, i, 0].copy(),
-                            "scores": acc.scores[t, :, i, 0].copy()}
-                   for i, k in enumerate(class_ids) if n_gt[i, 0] > 0},
+        "curves": pr_curves(evaluation, IOU_THRESHOLDS[t]),
     })
     return result
-
-
-def _point_counts(tp_mask, ignored_mask, cls, n_classes: int, t: int):
-    bit = bit_index(t, 0)
-    tp = ((tp_mask >> bit) & 1).astype(bool)
-    counted = ((ignored_mask >> bit) & 1) == 0
-    return (np.bincount(cls[tp], minlength=n_classes),
-            np.bincount(cls[counted & ~tp], minlength=n_classes))
 
 
 def _ratio(num, den) -> np.ndarray:
@@ -390,8 +492,7 @@ def _ratio(num, den) -> np.ndarray:
 _AGGREGATED = ("AP", "AP_iou", "AR100", "precision", "recall", "f1")
 
 
-def _per_class(acc, d, cls, n_gt, t, kept) -> dict[str, np.ndarray]:
-    n_tp, n_fp = _point_counts(d["tp_mask"][kept], d["ignored_mask"][kept], cls[kept], n_gt.shape[0], t)
+def _per_class(acc, n_tp, n_fp, n_gt, t) -> dict[str, np.ndarray]:
     has_gt = n_gt[:, 0] > 0
 
     def ap(p):  # p: (..., K) -> per class mean over the leading axes, -1 without GT
@@ -411,19 +512,10 @@ def _per_class(acc, d, cls, n_gt, t, kept) -> dict[str, np.ndarray]:
     }
 
 
-def _micro(d, cls, n_gt, t, kept) -> dict:
-    """All classes' detections in one ranking against all GTs (area all).
-
-    Ranked by score descending; equal scores keep the class-major COCO order (class, image,
-    rank), so the result is deterministic.
-    """
-    order = np.argsort(-d["score"], kind="stable")
-    total = n_gt.sum(axis=0, keepdims=True)
-    one_class = np.zeros(len(order), np.int64)
-    acc = accumulate(one_class, d["rank"][order], d["tp_mask"][order], d["ignored_mask"][order],
-                     d["area_mask"][order], d["score"][order], total, areas=(0,))
-    n_tp, n_fp = _point_counts(d["tp_mask"][kept], d["ignored_mask"][kept], one_class[kept], 1, t)
-    p, r = float(_ratio(n_tp[0], n_tp[0] + n_fp[0])), float(_ratio(n_tp[0], total[0, 0]))
+def _micro(acc, n_tp, n_fp, n_gt, t) -> dict:
+    """All classes' detections in one ranking against all GTs (area all)."""
+    tp, fp, total = int(n_tp.sum()), int(n_fp.sum()), int(n_gt[:, 0].sum())
+    p, r = float(_ratio(tp, tp + fp)), float(_ratio(tp, total))
     return {"AP": _mean_valid(acc.precision[:, :, 0, 0]),
             "AP_iou": _mean_valid(acc.precision[t, :, 0, 0]),
             "AR100": _mean_valid(acc.recall[:, 0, 0, -1]),
@@ -499,8 +591,8 @@ def image_objects(store, model_id: str, image_id: int, iou: float,
 def _error_inputs(store, model_id, selection, iou, score_threshold, *, ordered: bool = True):
     """Counted detections and counted GTs (area 'all': not crowd) of a cohort at (iou, score).
 
-    ``ordered``: detections by score descending then det_id, GTs by gt_id (else in storage
-    order, which spares DuckDB a sort of every detection of the cohort)."""
+    ``ordered``: detections in COCO order (class, score descending, image, rank: by
+    ``order_key``), GTs by gt_id (else both in storage order)."""
     _check_model(store, model_id)
     t = threshold_index(iou)
     score = score_value(score_threshold)
@@ -511,7 +603,7 @@ def _error_inputs(store, model_id, selection, iou, score_threshold, *, ordered: 
         "(tp_mask >> ?) & 1 = 1 AS tp, best_same_gt_id, best_same_iou, best_other_gt_id, "
         "best_other_class_id, best_other_iou FROM det_matches "
         f"WHERE model_id = ? AND score >= ? AND ((tp_mask | ~ignored_mask) >> ?) & 1 = 1{where}"
-        + (" ORDER BY score DESC, det_id" if ordered else "")), [bit, model_id, score, bit, *params])
+        + (" ORDER BY order_key" if ordered else "")), [bit, model_id, score, bit, *params])
     gts = _fetch(store, (
         "SELECT image_id, gt_id, class_id, "
         "coalesce(match_det_ids[?] >= 0 AND match_scores[?] >= ?, false) AS matched "
@@ -587,16 +679,19 @@ def confusion_matrix_detection(store, model_id: str, selection: tuple[str, list]
                         columns=pd.Index(labels, name="predicted"))
 
 
-def _macro_ap_at(det_cls, det_score, det_image, det_rank, det_tp, n_gt_k, classes_with_gt, t):
-    """Macro AP (101-point) at one threshold for a (possibly fixed-up) set of counted dets."""
-    order = np.lexsort((det_rank, det_image, -det_score, det_cls))
+def _macro_ap_at(det_cls, det_score, det_tp, n_gt_k, classes_with_gt, t, order=None):
+    """Macro AP (101-point) at one threshold for a (possibly fixed-up) set of counted dets, given
+    in COCO order (class, score descending, image, rank) or put in it by ``order``."""
+    if order is None:
+        order = slice(None)
     n_gt = np.zeros((len(n_gt_k), N_AREAS), np.int64)
     n_gt[:, 0] = n_gt_k
     bit = bit_index(t, 0)
     # Only counted detections come here: none ignored, all "inside" every area range.
-    acc = accumulate(det_cls[order], np.zeros(len(order), np.int64),
-                     det_tp[order].astype(np.int64) << bit, np.zeros(len(order), np.int64),
-                     np.full(len(order), (1 << N_AREAS) - 1, np.int64), det_score[order], n_gt,
+    n = len(det_cls)
+    acc = accumulate(det_cls[order], np.zeros(n, np.int64),
+                     det_tp[order].astype(np.int64) << bit, np.zeros(n, np.int64),
+                     np.full(n, (1 << N_AREAS) - 1, np.int64), det_score[order], n_gt,
                      areas=(0,), thresholds=(t,))
     per_class = acc.precision[t, :, :, 0].mean(axis=0)
     # A class whose every GT was "fixed away" keeps its place in the mean with AP 0.
@@ -612,7 +707,8 @@ def tide_errors(store, model_id: str, selection: tuple[str, list] | None, *, iou
 
     - Base: COCO matching at ``iou`` = t_f (area all, maxDets 100, crowd matches ignored) of
       the detections with score >= ``score_threshold``; AP = macro 101-point AP at t_f over the
-      classes with GT in the cohort (= ``detection_metrics(...)['mAP']``).
+      classes with GT in the cohort (= ``detection_metrics(...)['mAP']`` at score threshold 0;
+      above it, the AP of the detections kept).
     - Each false positive gets the first type that applies, in TIDE's order, with IoU_same /
       IoU_other its best IoU with a non-crowd GT of its own / another class:
       Loc: t_b <= IoU_same <= t_f; Cls: IoU_other >= t_f; Dupe: IoU_same >= t_f (that GT is
@@ -629,7 +725,7 @@ def tide_errors(store, model_id: str, selection: tuple[str, list] | None, *, iou
 
     Returns {'iou', 'background_iou', 'score_threshold', 'ap', 'errors': DataFrame(type, count,
     dAP), 'special': {'FalsePos': dAP, 'FalseNeg': dAP}, 'det_errors': DataFrame(image_id,
-    det_id, class_id, score, error, target_gt_id, fixable), 'missed_gt_ids': array}.
+    det_id, class_id, score, error, target_gt_id, fixable; COCO order), 'missed_gt_ids': array}.
     """
     t, score, dets, gts = _error_inputs(store, model_id, selection, iou, score_threshold)
     t_f = float(IOU_THRESHOLDS[t])
@@ -659,12 +755,14 @@ def tide_errors(store, model_id: str, selection: tuple[str, list] | None, *, iou
     target = target.astype(np.int64)
     target_cls = np.where(loc, det_cls, dets["best_other_class_id"]).astype(np.int64)
     usable = (loc | cls_err) & ~_lookup(gt_id, gt_matched, target, True)
-    usable_idx = np.flatnonzero(usable)  # dets are in score-descending, det_id order
+    usable_idx = np.flatnonzero(usable)
+    # The highest-scored error on a GT (ties: lower det_id) is the one a fix moves onto it.
+    usable_idx = usable_idx[np.lexsort((dets["det_id"][usable_idx], -det_score[usable_idx]))]
     fixable = np.zeros(len(tp), bool)
     fixable[usable_idx[_first_per_key(target[usable_idx])]] = True
     missed = ~gt_matched & ~np.isin(gt_id, target[usable])
 
-    base = _macro_ap_at(det_cls, det_score, det_image, det_rank, tp, n_gt_k, classes_with_gt, t)
+    base = _macro_ap_at(det_cls, det_score, tp, n_gt_k, classes_with_gt, t)
 
     def fixed_ap(error: np.ndarray, relabel: bool = False, gt_drop=None) -> float:
         keep = ~error | fixable
@@ -672,26 +770,27 @@ def tide_errors(store, model_id: str, selection: tuple[str, list] | None, *, iou
         new_tp = tp | (error & fixable)
         n_gt = n_gt_k - (np.bincount(gt_cls[gt_drop], minlength=n_classes) if gt_drop is not None
                          else 0)
-        return _macro_ap_at(new_cls[keep], det_score[keep], det_image[keep], det_rank[keep],
-                            new_tp[keep], n_gt, classes_with_gt, t)
+        # Relabelled detections move to another class's ranking: sort again (once, for Cls).
+        order = np.lexsort((det_rank[keep], det_image[keep], -det_score[keep], new_cls[keep])) if relabel else None
+        return _macro_ap_at(new_cls[keep], det_score[keep], new_tp[keep], n_gt, classes_with_gt, t, order)
+
+    def without(dropped: np.ndarray) -> float:
+        kept = ~dropped
+        return _macro_ap_at(det_cls[kept], det_score[kept], tp[kept], n_gt_k, classes_with_gt, t)
 
     nothing = np.zeros(len(tp), bool)
     gains = {
         "Cls": fixed_ap(cls_err, relabel=True),
         "Loc": fixed_ap(loc),
-        "Both": _macro_ap_at(det_cls[~both], det_score[~both], det_image[~both], det_rank[~both],
-                             tp[~both], n_gt_k, classes_with_gt, t),
-        "Dupe": _macro_ap_at(det_cls[~dupe], det_score[~dupe], det_image[~dupe], det_rank[~dupe],
-                             tp[~dupe], n_gt_k, classes_with_gt, t),
-        "Bkg": _macro_ap_at(det_cls[~bkg], det_score[~bkg], det_image[~bkg], det_rank[~bkg],
-                            tp[~bkg], n_gt_k, classes_with_gt, t),
+        "Both": without(both),
+        "Dupe": without(dupe),
+        "Bkg": without(bkg),
         "Miss": fixed_ap(nothing, gt_drop=missed),
     }
     counts = {"Cls": int(cls_err.sum()), "Loc": int(loc.sum()), "Both": int(both.sum()),
               "Dupe": int(dupe.sum()), "Bkg": int(bkg.sum()), "Miss": int(missed.sum())}
     special = {
-        "FalsePos": _macro_ap_at(det_cls[tp], det_score[tp], det_image[tp], det_rank[tp], tp[tp],
-                                 n_gt_k, classes_with_gt, t) - base,
+        "FalsePos": without(~tp) - base,
         "FalseNeg": fixed_ap(nothing, gt_drop=~gt_matched) - base,
     }
     error_name = np.select([cls_err, loc, both, dupe, bkg], ["Cls", "Loc", "Both", "Dupe", "Bkg"],
