@@ -159,3 +159,58 @@ def test_one_evaluation_serves_every_threshold(detection_store):
                                                       & (dets["tp_mask"].to_numpy(np.int64) & 1 == 1)).sum()
     with pytest.raises(EvalError):
         detection_metrics(s, "candidate", None, evaluation=evaluation)
+
+
+def _reference_confusion(store, model_id, image_filter, iou, score):
+    """The detection confusion matrix from the stored matches, row by row in pandas (the rules of
+    ``confusion_matrix_detection``'s docstring, written out independently of its SQL)."""
+    from core.matching import IOU_THRESHOLDS, bit_index
+
+    t = int(np.flatnonzero(np.isclose(IOU_THRESHOLDS, iou))[0])
+    bit = bit_index(t)
+    dets = store.query("SELECT * FROM det_matches WHERE model_id = ?", [model_id])
+    gts = store.query("SELECT * FROM gt_matches WHERE model_id = ?", [model_id])
+    dets, gts = dets[image_filter(dets["image_id"])], gts[image_filter(gts["image_id"])]
+    tp_mask, ignored = dets["tp_mask"].to_numpy(np.int64), dets["ignored_mask"].to_numpy(np.int64)
+    dets = dets.assign(tp=(tp_mask >> bit) & 1 == 1, ignored=(ignored >> bit) & 1 == 1)
+    dets = dets[(dets["score"].astype(float) >= score) & (dets["tp"] | ~dets["ignored"])]
+    gts = gts[gts["area_mask"].to_numpy(np.int64) & 1 == 1]
+    partner = [ids[t] for ids in gts["match_det_ids"]]
+    partner_score = [scores[t] for scores in gts["match_scores"]]
+    matched = {g for g, d, sc in zip(gts["gt_id"], partner, partner_score) if d >= 0 and sc >= score}
+    n = len(store.classes)
+    matrix = np.zeros((n + 1, n + 1), np.int64)
+    confused = {}
+    fps = dets[~dets["tp"]].sort_values(["score", "det_id"], ascending=[False, True])
+    gt_ids = set(gts["gt_id"])
+    for row in fps.itertuples():
+        target = row.best_other_gt_id
+        if (row.best_other_iou >= IOU_THRESHOLDS[t] and target >= 0 and target in gt_ids
+                and target not in matched and target not in confused):
+            confused[target] = (row.best_other_class_id, row.class_id)
+        else:
+            matrix[n, row.class_id] += 1
+    for cls in dets[dets["tp"]]["class_id"]:
+        matrix[cls, cls] += 1
+    for truth, predicted in confused.values():
+        matrix[truth, predicted] += 1
+    for g, cls in zip(gts["gt_id"], gts["class_id"]):
+        if g not in matched and g not in confused:
+            matrix[cls, n] += 1
+    return matrix
+
+
+@pytest.mark.parametrize("iou, score", [(0.5, 0.0), (0.5, 0.5), (0.75, 0.3)])
+def test_detection_confusion_matrix_equals_a_row_by_row_reference(detection_store, iou, score):
+    from core.metrics.detection import confusion_matrix_detection
+
+    s = detection_store
+    for selection, image_filter in ((None, lambda ids: ids >= 0),
+                                    (("SELECT image_id FROM images WHERE image_id % 4 = 1", []),
+                                     lambda ids: ids % 4 == 1)):
+        ours = confusion_matrix_detection(s, "baseline", selection, iou, score).to_numpy()
+        expected = _reference_confusion(s, "baseline", image_filter, iou, score)
+        assert np.array_equal(ours, expected)
+        assert ours[:-1, :-1].trace() > 0 and ours[-1].sum() > 0 and ours[:-1, -1].sum() > 0
+        off_diagonal = ours[:-1, :-1] - np.diag(np.diag(ours[:-1, :-1]))
+        assert off_diagonal.sum() > 0  # class confusions occur in this set

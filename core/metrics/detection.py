@@ -588,11 +588,9 @@ def image_objects(store, model_id: str, image_id: int, iou: float,
 # --------------------------------------------------------------------------- errors
 
 
-def _error_inputs(store, model_id, selection, iou, score_threshold, *, ordered: bool = True):
-    """Counted detections and counted GTs (area 'all': not crowd) of a cohort at (iou, score).
-
-    ``ordered``: detections in COCO order (class, score descending, image, rank: by
-    ``order_key``), GTs by gt_id (else both in storage order)."""
+def _error_inputs(store, model_id, selection, iou, score_threshold):
+    """Counted detections and counted GTs (area 'all': not crowd) of a cohort at (iou, score):
+    detections in COCO order (class, score descending, image, rank: ``order_key``), GTs by gt_id."""
     _check_model(store, model_id)
     t = threshold_index(iou)
     score = score_value(score_threshold)
@@ -603,12 +601,12 @@ def _error_inputs(store, model_id, selection, iou, score_threshold, *, ordered: 
         "(tp_mask >> ?) & 1 = 1 AS tp, best_same_gt_id, best_same_iou, best_other_gt_id, "
         "best_other_class_id, best_other_iou FROM det_matches "
         f"WHERE model_id = ? AND score >= ? AND ((tp_mask | ~ignored_mask) >> ?) & 1 = 1{where}"
-        + (" ORDER BY order_key" if ordered else "")), [bit, model_id, score, bit, *params])
+        " ORDER BY order_key"), [bit, model_id, score, bit, *params])
     gts = _fetch(store, (
         "SELECT image_id, gt_id, class_id, "
         "coalesce(match_det_ids[?] >= 0 AND match_scores[?] >= ?, false) AS matched "
         f"FROM gt_matches WHERE model_id = ? AND (area_mask & 1) = 1{where}"
-        + (" ORDER BY gt_id" if ordered else "")),
+        " ORDER BY gt_id"),
         [t + 1, t + 1, score, model_id, *params])
     return t, score, dets, gts
 
@@ -649,31 +647,45 @@ def confusion_matrix_detection(store, model_id: str, selection: tuple[str, list]
     So column sums are the detection counts per class, row sums the GT counts per class; the
     background row holds FPs that are not confusions, the background column FNs that are not.
     """
-    t, _, dets, gts = _error_inputs(store, model_id, selection, iou, score_threshold, ordered=False)
+    _check_model(store, model_id)
+    t = threshold_index(iou)
+    score = score_value(score_threshold)
+    bit = bit_index(t, 0)
+    where, cohort = _cohort_clause(selection)
+    # Aggregated in DuckDB: a million images bring ten million detections, and only
+    # (row, column, count) cells come back.
+    cells = _fetch(store, f"""
+        WITH dets AS (
+            SELECT det_id, class_id, score, (tp_mask >> ?) & 1 = 1 AS tp, best_other_gt_id,
+                   best_other_class_id, best_other_iou
+            FROM det_matches
+            WHERE model_id = ? AND score >= ? AND ((tp_mask | ~ignored_mask) >> ?) & 1 = 1{where}),
+        gts AS (
+            SELECT gt_id, class_id,
+                   coalesce(match_det_ids[?] >= 0 AND match_scores[?] >= ?, false) AS matched
+            FROM gt_matches WHERE model_id = ? AND (area_mask & 1) = 1{where}),
+        candidates AS (
+            SELECT d.det_id, d.class_id, d.best_other_gt_id AS gt_id, d.best_other_class_id AS gt_class,
+                   row_number() OVER (PARTITION BY d.best_other_gt_id ORDER BY d.score DESC, d.det_id) AS place
+            FROM dets d JOIN gts g ON g.gt_id = d.best_other_gt_id AND NOT g.matched
+            WHERE NOT d.tp AND d.best_other_iou >= ? AND d.best_other_gt_id >= 0),
+        confusions AS (SELECT det_id, class_id, gt_id, gt_class FROM candidates WHERE place = 1)
+        SELECT class_id AS truth, class_id AS predicted, count(*) AS n FROM dets WHERE tp GROUP BY ALL
+        UNION ALL
+        SELECT gt_class, class_id, count(*) FROM confusions GROUP BY ALL
+        UNION ALL
+        SELECT -1, class_id, count(*) FROM dets
+            WHERE NOT tp AND det_id NOT IN (SELECT det_id FROM confusions) GROUP BY ALL
+        UNION ALL
+        SELECT class_id, -1, count(*) FROM gts
+            WHERE NOT matched AND gt_id NOT IN (SELECT gt_id FROM confusions) GROUP BY ALL""",
+        [bit, model_id, score, bit, *cohort, t + 1, t + 1, score, model_id, *cohort, float(IOU_THRESHOLDS[t])])
     names = list(store.classes)
     n = len(names)
-    cells = []  # (row, column) index arrays, counted at the end in one bincount
-    tp = dets["tp"].astype(bool)
-    det_cls = dets["class_id"].astype(np.int64)
-    cells.append((det_cls[tp], det_cls[tp]))
-    gt_id, gt_cls = gts["gt_id"].astype(np.int64), gts["class_id"].astype(np.int64)
-    gt_matched = gts["matched"].astype(bool)
-    target = dets["best_other_gt_id"].astype(np.int64)
-    target_missed = ~_lookup(gt_id, gt_matched, target, True)
-    candidate = ~tp & (dets["best_other_iou"] >= IOU_THRESHOLDS[t]) & (target >= 0) & target_missed
-    # The first candidate per GT in score-descending, det_id order is the confusion.
-    cand_idx = np.flatnonzero(candidate)
-    cand_idx = cand_idx[np.lexsort((dets["det_id"][cand_idx], -dets["score"][cand_idx]))]
-    winner = np.zeros(len(tp), bool)
-    winner[cand_idx[_first_per_key(target[cand_idx])]] = True
-    cells.append((dets["best_other_class_id"].astype(np.int64)[winner], det_cls[winner]))
-    plain_fp = ~tp & ~winner
-    cells.append((np.full(plain_fp.sum(), n), det_cls[plain_fp]))
-    confused = np.isin(gt_id, target[winner])
-    missed = ~gt_matched & ~confused
-    cells.append((gt_cls[missed], np.full(missed.sum(), n)))
-    flat = np.concatenate([rows * (n + 1) + cols for rows, cols in cells])
-    matrix = np.bincount(flat, minlength=(n + 1) ** 2).reshape(n + 1, n + 1).astype(np.int64)
+    # Background (-1 above) is the last row and column.
+    rows, cols = (np.where(cells[k] < 0, n, cells[k]).astype(np.int64) for k in ("truth", "predicted"))
+    matrix = np.zeros((n + 1, n + 1), np.int64)
+    np.add.at(matrix, (rows, cols), cells["n"].astype(np.int64))
     labels = names + [BACKGROUND]
     return pd.DataFrame(matrix, index=pd.Index(labels, name="ground truth"),
                         columns=pd.Index(labels, name="predicted"))
