@@ -214,3 +214,22 @@ def test_detection_confusion_matrix_equals_a_row_by_row_reference(detection_stor
         assert ours[:-1, :-1].trace() > 0 and ours[-1].sum() > 0 and ours[:-1, -1].sum() > 0
         off_diagonal = ours[:-1, :-1] - np.diag(np.diag(ours[:-1, :-1]))
         assert off_diagonal.sum() > 0  # class confusions occur in this set
+
+
+@pytest.mark.parametrize("classes", [None, [0, 2, 3]])
+def test_evaluation_read_a_few_classes_at_a_time_equals_one_read(detection_store, monkeypatch, classes):
+    import core.metrics.detection as detection
+
+    selection = ("SELECT image_id FROM images WHERE image_id % 5 <> 2", [])
+    whole = detection.evaluate_cohort(detection_store, "baseline", selection, classes=classes)
+    reads = []
+    original = detection._cohort_dets
+    monkeypatch.setattr(detection, "_cohort_dets", lambda *a, **k: reads.append(k.get("class_range")) or original(*a, **k))
+    monkeypatch.setattr(detection, "CHUNK_DETECTIONS", 150)
+    chunked = detection.evaluate_cohort(detection_store, "baseline", selection, classes=classes)
+    assert len([r for r in reads if r is not None]) >= 2  # several class groups, then the micro ranking
+    for name in ("precision", "scores", "recall"):
+        assert np.array_equal(getattr(whole.per_class, name), getattr(chunked.per_class, name))
+        assert np.array_equal(getattr(whole.micro, name), getattr(chunked.micro, name))
+    assert np.array_equal(whole.grid_tp, chunked.grid_tp) and np.array_equal(whole.grid_fp, chunked.grid_fp)
+    assert (whole.per_class.precision[0, 0, :, 0] > 0).all()

@@ -51,6 +51,8 @@ _EPS = np.spacing(1)
 # Score thresholds whose counts a cohort's evaluation holds (the app's score slider steps);
 # any other threshold is counted by one query.
 SCORE_GRID = np.round(np.linspace(0.0, 1.0, 101), 2)
+# Detections held in memory at once while a cohort is evaluated (about 30 bytes each).
+CHUNK_DETECTIONS = 2_000_000
 _MAX_DET = MAX_DETS[-1]
 # ignored_mask of an unmatched detection, indexed by its area_mask: all thresholds of the
 # area ranges its area lies outside.
@@ -304,9 +306,13 @@ def _class_index(class_ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray,
     return index, inside
 
 
-def _cohort_dets(store, model_id, selection, score, class_ids, columns: str, order_by: str | None = None) -> dict:
-    """The cohort's detections within maxDets and above the score, of the chosen classes."""
+def _cohort_dets(store, model_id, selection, score, class_ids, columns: str, order_by: str | None = None,
+                 class_range: tuple[int, int] | None = None) -> dict:
+    """The cohort's detections within maxDets and above the score, of the chosen classes
+    (read only from ``class_range``, inclusive, when given)."""
     where, params = _cohort_clause(selection)
+    if class_range is not None:
+        where, params = " AND class_id BETWEEN ? AND ?" + where, [*class_range, *params]
     sql = (f"SELECT {columns} FROM det_matches WHERE model_id = ? AND rank < {_MAX_DET} "
            f"AND score >= ?{where}" + (f" ORDER BY {order_by}" if order_by else ""))
     rows = _fetch(store, sql, [model_id, score, *params])
@@ -357,26 +363,74 @@ def evaluate_cohort(store, model_id: str, selection: tuple[str, list] | None, *,
 
     ``selection`` is ``(sql, params)`` of a SELECT with an ``image_id`` column (None: all
     images); ``classes`` restricts the evaluated classes (COCO ``catIds``).
+
+    Classes are ranked independently, so they are read a group at a time (at most
+    ``CHUNK_DETECTIONS`` detections, unless one class holds more): memory stays bounded
+    whatever the size of the cohort. The micro ranking reads every detection once more, in
+    score order, with only the columns it needs.
     """
     _check_model(store, model_id)
     class_ids = _class_ids(store, classes)
-    d = _cohort_dets(store, model_id, selection, -math.inf, class_ids,
-                     # Narrow types: a million images bring ten million detections.
-                     "CAST(class_id AS INTEGER) AS class_id, CAST(rank AS SMALLINT) AS rank, "
-                     "tp_mask, ignored_mask, CAST(area_mask AS UTINYINT) AS area_mask, score",
-                     order_by="order_key")
     n_gt = _cohort_gt_counts(store, model_id, selection, class_ids)
-    cls, _ = _class_index(class_ids, d["class_id"])
-    per_class = accumulate(cls, d["rank"], d["tp_mask"], d["ignored_mask"], d["area_mask"], d["score"], n_gt)
-    # Micro: ranked by score descending; equal scores keep the class-major COCO order (class,
-    # image, rank), so the result is deterministic.
-    by_score = np.argsort(-d["score"], kind="stable")
-    micro = accumulate(np.zeros(len(by_score), np.int64), d["rank"][by_score], d["tp_mask"][by_score],
-                       d["ignored_mask"][by_score], d["area_mask"][by_score], d["score"][by_score],
-                       n_gt.sum(axis=0, keepdims=True), areas=(0,))
-    del by_score
-    grid_tp, grid_fp = _grid_counts(cls, d["score"], d["tp_mask"], d["ignored_mask"], len(class_ids))
-    return CohortEvaluation(model_id, class_ids, n_gt, per_class, micro, grid_tp, grid_fp)
+    n_classes = len(class_ids)
+    precision = np.full((N_THRESHOLDS, len(RECALL_THRESHOLDS), n_classes, N_AREAS), -1.0)
+    scores = precision.copy()
+    recall = np.full((N_THRESHOLDS, n_classes, N_AREAS, len(MAX_DETS)), -1.0)
+    grid_tp = np.zeros((N_THRESHOLDS, n_classes, len(SCORE_GRID)), np.int64)
+    grid_fp = grid_tp.copy()
+    for lo, hi in _class_groups(_cohort_det_counts(store, model_id, selection, class_ids), CHUNK_DETECTIONS):
+        group = class_ids[lo:hi]
+        d = _cohort_dets(store, model_id, selection, -math.inf, group,
+                         # Narrow types: a million images bring ten million detections.
+                         "CAST(class_id AS INTEGER) AS class_id, CAST(rank AS SMALLINT) AS rank, "
+                         "tp_mask, ignored_mask, CAST(area_mask AS UTINYINT) AS area_mask, score",
+                         order_by="order_key", class_range=(int(group[0]), int(group[-1])))
+        cls, _ = _class_index(group, d["class_id"])
+        acc = accumulate(cls, d["rank"], d["tp_mask"], d["ignored_mask"], d["area_mask"], d["score"],
+                         n_gt[lo:hi])
+        precision[:, :, lo:hi], scores[:, :, lo:hi], recall[:, lo:hi] = acc.precision, acc.scores, acc.recall
+        grid_tp[:, lo:hi], grid_fp[:, lo:hi] = _grid_counts(cls, d["score"], d["tp_mask"], d["ignored_mask"],
+                                                            len(group))
+        del d, cls
+    return CohortEvaluation(model_id, class_ids, n_gt, Accumulated(precision, scores, recall),
+                            _micro_accumulate(store, model_id, selection, class_ids, n_gt), grid_tp, grid_fp)
+
+
+def _cohort_det_counts(store, model_id, selection, class_ids) -> np.ndarray:
+    """Detections (within maxDets) per class of ``class_ids`` in the cohort."""
+    where, params = _cohort_clause(selection)
+    rows = _fetch(store, f"SELECT class_id, count(*) AS n FROM det_matches WHERE model_id = ? "
+                         f"AND rank < {_MAX_DET}{where} GROUP BY class_id", [model_id, *params])
+    index, inside = _class_index(class_ids, rows["class_id"])
+    counts = np.zeros(len(class_ids), np.int64)
+    counts[index[inside]] = rows["n"][inside]
+    return counts
+
+
+def _class_groups(det_counts: np.ndarray, limit: int) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) index ranges of classes holding at most ``limit`` detections each
+    (a class holding more is a group of its own)."""
+    groups, start, held = [], 0, 0
+    for k, n in enumerate(det_counts.tolist()):
+        if held and held + n > limit:
+            groups.append((start, k))
+            start, held = k, 0
+        held += n
+    return groups + [(start, len(det_counts))]
+
+
+def _micro_accumulate(store, model_id, selection, class_ids, n_gt) -> Accumulated:
+    """Every class's detections in one ranking, area all: by score descending; equal scores keep
+    the class-major COCO order (class, image, rank), so the result is deterministic."""
+    d = _cohort_dets(store, model_id, selection, -math.inf, class_ids,
+                     # Area 'all' needs bits 0..9 of the masks and bit 0 of the area mask.
+                     f"CAST(class_id AS INTEGER) AS class_id, CAST(rank AS SMALLINT) AS rank, "
+                     f"CAST(tp_mask & {(1 << N_THRESHOLDS) - 1} AS SMALLINT) AS tp_mask, "
+                     f"CAST(ignored_mask & {(1 << N_THRESHOLDS) - 1} AS SMALLINT) AS ignored_mask, "
+                     "CAST(area_mask & 1 AS UTINYINT) AS area_mask, score",
+                     order_by="score DESC, order_key")
+    return accumulate(np.zeros(len(d["score"]), np.int64), d["rank"], d["tp_mask"], d["ignored_mask"],
+                      d["area_mask"], d["score"], n_gt.sum(axis=0, keepdims=True), areas=(0,))
 
 
 def _grid_counts(cls: np.ndarray, score: np.ndarray, tp_mask: np.ndarray, ignored_mask: np.ndarray,
