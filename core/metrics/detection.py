@@ -53,6 +53,8 @@ _EPS = np.spacing(1)
 SCORE_GRID = np.round(np.linspace(0.0, 1.0, 101), 2)
 # Detections held in memory at once while a cohort is evaluated (about 30 bytes each).
 CHUNK_DETECTIONS = 2_000_000
+# The tp_mask / ignored_mask bits of area 'all' (every IoU threshold).
+_AREA_ALL_BITS = (1 << N_THRESHOLDS) - 1
 _MAX_DET = MAX_DETS[-1]
 # ignored_mask of an unmatched detection, indexed by its area_mask: all thresholds of the
 # area ranges its area lies outside.
@@ -131,8 +133,6 @@ def accumulate(det_class: np.ndarray, det_rank: np.ndarray, det_tp_mask: np.ndar
     if not keep.all():
         columns = tuple(c[keep] for c in columns)
     cls, rank, score, tp_mask, ig_mask, area_mask = columns
-    cls = cls.astype(np.int64, copy=False)
-    tp_mask, ig_mask = tp_mask.astype(np.int64, copy=False), ig_mask.astype(np.int64, copy=False)
     n_gt = np.asarray(n_gt, dtype=np.int64)
     n_classes = n_gt.shape[0]
     n_recall = len(RECALL_THRESHOLDS)
@@ -145,8 +145,15 @@ def accumulate(det_class: np.ndarray, det_rank: np.ndarray, det_tp_mask: np.ndar
     plane_t = np.tile(np.asarray(thresholds, dtype=np.int64), len(areas))
     bits = plane_area * N_THRESHOLDS + plane_t
     plane_bits = int(np.sum(np.left_shift(np.int64(1), bits)))
-    class_start = np.searchsorted(cls, np.arange(n_classes))
-    n_det = np.bincount(cls, minlength=n_classes)
+    # Only the planes' bits matter below: the narrowest type holding them (the micro ranking's
+    # ten bits fit 16-bit masks, a fifth of the memory of ten million int64s).
+    mask_type = np.int16 if plane_bits < 2 ** 15 else np.int64
+    tp_mask, ig_mask = ((m & plane_bits).astype(mask_type, copy=False) for m in (tp_mask, ig_mask))
+    class_keys = np.arange(n_classes)
+    if np.iinfo(cls.dtype).max >= n_classes:  # keys of cls's own type: searchsorted then copies nothing
+        class_keys = class_keys.astype(cls.dtype)
+    class_start = np.searchsorted(cls, class_keys)
+    n_det = np.diff(np.r_[class_start, len(cls)])  # cls is sorted
     first_score = np.where(n_det > 0, score[np.minimum(class_start, len(score) - 1)], 0.0) \
         if len(score) else np.zeros(n_classes)
     needed = _recall_counts(n_gt)  # (K, A, R)
@@ -157,7 +164,7 @@ def accumulate(det_class: np.ndarray, det_rank: np.ndarray, det_tp_mask: np.ndar
     base_cum = {int(a): _prefix_counts((area_mask >> a) & 1) for a in np.unique(plane_area)}
     # Detections counted where "unmatched" says not, or the reverse, at some plane.
     counted_bits = ~ig_mask & plane_bits
-    differs = counted_bits ^ (~_UNMATCHED_IGNORED[area_mask] & plane_bits)
+    differs = counted_bits ^ (~_UNMATCHED_IGNORED & plane_bits).astype(mask_type)[area_mask]
     corrected = np.flatnonzero(differs)
     corrected_flags = _plane_flags(differs[corrected], bits)
     corrected_sign = np.where(_plane_flags(counted_bits[corrected], bits), 1, -1)
@@ -306,7 +313,7 @@ def _class_index(class_ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray,
     return index, inside
 
 
-def _cohort_dets(store, model_id, selection, score, class_ids, columns: str, order_by: str | None = None,
+def _cohort_dets(store, model_id, selection, score, class_ids, columns: str,
                  class_range: tuple[int, int] | None = None) -> dict:
     """The cohort's detections within maxDets and above the score, of the chosen classes
     (read only from ``class_range``, inclusive, when given)."""
@@ -314,7 +321,7 @@ def _cohort_dets(store, model_id, selection, score, class_ids, columns: str, ord
     if class_range is not None:
         where, params = " AND class_id BETWEEN ? AND ?" + where, [*class_range, *params]
     sql = (f"SELECT {columns} FROM det_matches WHERE model_id = ? AND rank < {_MAX_DET} "
-           f"AND score >= ?{where}" + (f" ORDER BY {order_by}" if order_by else ""))
+           f"AND score >= ?{where}")
     rows = _fetch(store, sql, [model_id, score, *params])
     _, inside = _class_index(class_ids, rows["class_id"])
     return rows if inside.all() else {k: v[inside] for k, v in rows.items()}
@@ -366,8 +373,8 @@ def evaluate_cohort(store, model_id: str, selection: tuple[str, list] | None, *,
 
     Classes are ranked independently, so they are read a group at a time (at most
     ``CHUNK_DETECTIONS`` detections, unless one class holds more): memory stays bounded
-    whatever the size of the cohort. The micro ranking reads every detection once more, in
-    score order, with only the columns it needs.
+    whatever the size of the cohort. The micro ranking keeps, of each detection, only what
+    area 'all' needs (11 bytes).
     """
     _check_model(store, model_id)
     class_ids = _class_ids(store, classes)
@@ -378,22 +385,38 @@ def evaluate_cohort(store, model_id: str, selection: tuple[str, list] | None, *,
     recall = np.full((N_THRESHOLDS, n_classes, N_AREAS, len(MAX_DETS)), -1.0)
     grid_tp = np.zeros((N_THRESHOLDS, n_classes, len(SCORE_GRID)), np.int64)
     grid_fp = grid_tp.copy()
+    micro_parts = []
     for lo, hi in _class_groups(_cohort_det_counts(store, model_id, selection, class_ids), CHUNK_DETECTIONS):
         group = class_ids[lo:hi]
-        d = _cohort_dets(store, model_id, selection, -math.inf, group,
-                         # Narrow types: a million images bring ten million detections.
-                         "CAST(class_id AS INTEGER) AS class_id, CAST(rank AS SMALLINT) AS rank, "
-                         "tp_mask, ignored_mask, CAST(area_mask AS UTINYINT) AS area_mask, score",
-                         order_by="order_key", class_range=(int(group[0]), int(group[-1])))
+        d = _in_key_order(_cohort_dets(store, model_id, selection, -math.inf, group,
+                                       # Narrow types: a million images bring ten million detections.
+                                       "CAST(class_id AS INTEGER) AS class_id, CAST(rank AS SMALLINT) AS rank, "
+                                       "tp_mask, ignored_mask, CAST(area_mask AS UTINYINT) AS area_mask, score, "
+                                       "order_key", class_range=(int(group[0]), int(group[-1]))))
         cls, _ = _class_index(group, d["class_id"])
         acc = accumulate(cls, d["rank"], d["tp_mask"], d["ignored_mask"], d["area_mask"], d["score"],
                          n_gt[lo:hi])
         precision[:, :, lo:hi], scores[:, :, lo:hi], recall[:, lo:hi] = acc.precision, acc.scores, acc.recall
         grid_tp[:, lo:hi], grid_fp[:, lo:hi] = _grid_counts(cls, d["score"], d["tp_mask"], d["ignored_mask"],
                                                             len(group))
+        micro_parts.append({"rank": d["rank"], "score": d["score"], "area_mask": d["area_mask"] & 1,
+                            **{k: (d[k] & _AREA_ALL_BITS).astype(np.int16) for k in ("tp_mask", "ignored_mask")}})
         del d, cls
     return CohortEvaluation(model_id, class_ids, n_gt, Accumulated(precision, scores, recall),
-                            _micro_accumulate(store, model_id, selection, class_ids, n_gt), grid_tp, grid_fp)
+                            _micro_accumulate(micro_parts, n_gt), grid_tp, grid_fp)
+
+
+def _in_key_order(rows: dict[str, np.ndarray], key: str = "order_key") -> dict[str, np.ndarray]:
+    """``rows`` sorted by their distinct integer ``key`` (dropped), by one linear scatter: the keys
+    of a class group are (a subset of) one range of a model's order keys."""
+    keys = rows.pop(key)
+    if not len(keys):
+        return rows
+    keys = keys - keys.min()
+    slots = np.full(int(keys.max()) + 1, -1, np.int64)
+    slots[keys] = np.arange(len(keys))
+    order = slots[slots >= 0]
+    return {name: values[order] for name, values in rows.items()}
 
 
 def _cohort_det_counts(store, model_id, selection, class_ids) -> np.ndarray:
@@ -419,18 +442,16 @@ def _class_groups(det_counts: np.ndarray, limit: int) -> list[tuple[int, int]]:
     return groups + [(start, len(det_counts))]
 
 
-def _micro_accumulate(store, model_id, selection, class_ids, n_gt) -> Accumulated:
-    """Every class's detections in one ranking, area all: by score descending; equal scores keep
-    the class-major COCO order (class, image, rank), so the result is deterministic."""
-    d = _cohort_dets(store, model_id, selection, -math.inf, class_ids,
-                     # Area 'all' needs bits 0..9 of the masks and bit 0 of the area mask.
-                     f"CAST(class_id AS INTEGER) AS class_id, CAST(rank AS SMALLINT) AS rank, "
-                     f"CAST(tp_mask & {(1 << N_THRESHOLDS) - 1} AS SMALLINT) AS tp_mask, "
-                     f"CAST(ignored_mask & {(1 << N_THRESHOLDS) - 1} AS SMALLINT) AS ignored_mask, "
-                     "CAST(area_mask & 1 AS UTINYINT) AS area_mask, score",
-                     order_by="score DESC, order_key")
-    return accumulate(np.zeros(len(d["score"]), np.int64), d["rank"], d["tp_mask"], d["ignored_mask"],
-                      d["area_mask"], d["score"], n_gt.sum(axis=0, keepdims=True), areas=(0,))
+def _micro_accumulate(parts: list[dict[str, np.ndarray]], n_gt: np.ndarray) -> Accumulated:
+    """Every class's detections (``parts``: class groups in COCO order) in one ranking, area all:
+    by score descending; equal scores keep the class-major COCO order (class, image, rank), so
+    the result is deterministic."""
+    d = {k: np.concatenate([p.pop(k) for p in parts]) if parts else np.zeros(0) for k in
+         ("rank", "score", "area_mask", "tp_mask", "ignored_mask")}
+    order = np.argsort(-d["score"], kind="stable")  # class runs already descend: a merge of runs
+    d = {k: d.pop(k)[order] for k in list(d)}
+    return accumulate(np.zeros(len(order), np.int8), d["rank"], d["tp_mask"], d["ignored_mask"], d["area_mask"],
+                      d["score"], n_gt.sum(axis=0, keepdims=True), areas=(0,))
 
 
 def _grid_counts(cls: np.ndarray, score: np.ndarray, tp_mask: np.ndarray, ignored_mask: np.ndarray,
