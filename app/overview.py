@@ -168,7 +168,7 @@ def _selection_key(view: View, cohort: Cohort) -> tuple[str, list]:
 # --------------------------------------------------------------------------- cached engine calls
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+@st.cache_data(show_spinner="Ranking the cohort's detections at every IoU threshold…", max_entries=64)
 def _cohort_evaluation(_store, store_key: tuple, model_id: str, selection: tuple[str, list],
                        classes: tuple[int, ...] | None) -> CohortEvaluation:
     """A detection cohort's evaluation at every IoU threshold: the part of its metrics that
