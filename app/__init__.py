@@ -30,7 +30,7 @@ URL
     ``bind(key, url_value)`` before a keyed widget and
     ``write_on_change(key, param, to_url, reset)`` as its ``on_change``.
     ``app.nav.bind_choice(view, key, param, options, default)`` does both
-    for a choice widget; ``app.nav.page_param(view, param)`` reads one.
+    for a choice widget; ``app.nav.page_param(param)`` reads one.
 
 ``app.state.View`` (what ``require_view()`` returns)
     ``store`` (``core.store.Store``), ``catalog`` (``core.cohorts.Catalog``),

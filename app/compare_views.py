@@ -90,7 +90,7 @@ def _swap(baseline: str, candidate: str) -> None:
 
 def pick_models(view: View) -> tuple[str, str]:
     """Baseline and candidate pickers bound to the URL (``model`` and ``compare.candidate``); returns the pair."""
-    wanted = nav.page_param(view, CANDIDATE)
+    wanted = nav.page_param(CANDIDATE)
     baseline, candidate = model_pair(view.catalog.models, view.model_id, wanted)
     if wanted != candidate:
         urlsync.update({CANDIDATE: candidate})  # the URL always names both models

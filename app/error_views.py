@@ -38,10 +38,11 @@ def _thresholds_key(view: View) -> tuple:
     return tuple(sorted(view.thresholds.items()))
 
 
-@st.cache_resource(show_spinner="Reading the cohort's features…", max_entries=6)
+@st.cache_resource(show_spinner="Reading the cohort's features…", max_entries=2)
 def _frame(_view: View, store_key: tuple, selection: tuple, model_id: str, features: tuple[str, ...],
            target: ErrorTarget, thresholds: tuple) -> ErrorFrame:
-    # Held once (not copied per rerun): frames of a million images are large; nobody mutates them.
+    # Held once (not copied per rerun), and only the current frame and the one before: a frame
+    # of a million images takes tens of MiB, and every new cohort or feature set makes one.
     return load_error_frame(_view.store, _view.cohort, model_id, list(features), target, state=_view.state,
                             catalog=_view.catalog, **dict(thresholds))
 

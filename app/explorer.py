@@ -47,29 +47,31 @@ def outcome_sections(view: View) -> list[tuple[str, Cohort, int]]:
 
 
 def grid_view(view: View) -> None:
-    sections = outcome_sections(view)
+    _grid_pages(view, outcome_sections(view))
+
+
+@st.fragment
+def _grid_pages(view: View, sections: list[tuple[str, Cohort, int]]) -> None:
+    # A fragment: paging, the page size and the thumbnail size redraw only the grids, not the
+    # sidebar, the cohort bar and the section counts (the cohort and thresholds are unchanged).
     counts = [count for _, _, count in sections]
     controls = st.columns([1.2, 5], vertical_alignment="bottom")
     on_change = nav.bind_choice(view, "vl_grid_per_page", PARAM + "per", GRID_PAGE_SIZES, GRID_PAGE_SIZES[1])
     per_page = controls[0].selectbox("Per section", GRID_PAGE_SIZES, key="vl_grid_per_page", on_change=on_change)
     with controls[1]:
         page = nav.page_number(view, math.ceil(max(counts) / per_page))
-    _grids(view, sections, page, per_page)
-
-
-@st.fragment
-def _grids(view: View, sections: list[tuple[str, Cohort, int]], page: int, per_page: int) -> None:
-    # A fragment: moving the size slider redraws only the grids.
     size = st.select_slider("Thumbnail size", SIZES, value=128, key="vl_thumb_size", persist_state="session",
                             width=320)
     for title, cohort, count in sections:
         start = (page - 1) * per_page
         shown = f"{start + 1:,}–{min(start + per_page, count):,} of {count:,}" if count > start else f"{count:,}"
         st.markdown(f"**{title}** · {shown}")
-        frame = view.rows(cohort, columns=image_card.card_columns(view), order_by="image_id",
-                          limit=per_page, offset=start)
+        # A page past the section's end is empty: no query (on a big detection store, looking for
+        # rows that are not there aggregates every image).
+        cards = image_card.cards(view, view.rows(cohort, columns=image_card.card_columns(view), order_by="image_id",
+                                                 limit=per_page, offset=start)) if count > start else []
         clicked = image_card.thumbnail_grid(
-            image_card.cards(view, frame), key=f"vl_grid_{title}", size=size, on_click=open_image,
+            cards, key=f"vl_grid_{title}", size=size, on_click=open_image,
             empty="No images here." if count else f"No {title.lower()} images in this cohort.")
         if clicked is not None:
             st.rerun()  # the whole page, so the flyout opens
@@ -173,7 +175,7 @@ def class_view(view: View) -> None:
         per_label = st.select_slider("Images per label", PER_LABEL, key="vl_class_per", on_change=on_per, width=220)
     ids = range(len(view.classes))
     default_ids = list(ids)[:3]
-    wanted = nav.page_param(view, PARAM + "labels")
+    wanted = nav.page_param(PARAM + "labels")
     chosen_ids = default_ids
     if wanted:
         picked = [int(t) for t in wanted.split(",") if t.isdigit() and int(t) < len(view.classes)]

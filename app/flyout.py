@@ -16,12 +16,15 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
+from core import heatmap
 from core.cohorts import Cohort, Filter
+from core.explain import available_explanations, load_explanation
 from core.metrics.detection import image_objects
 
 from . import urlsync
 from .charts import bars_height, probability_bars, probability_frame
 from .state import View, claim_dialog
+from .whatif import render_whatif
 
 # How many targets "compute" explains: the top class for multiclass, the three most
 # probable labels / highest-scored detections otherwise (a few seconds on a CPU).
@@ -58,8 +61,6 @@ def _flyout(view: View, image_id: int, record: pd.DataFrame) -> None:
         objects = _prediction(view, image_id)
     with picture:
         _picture(view, image_id, str(row["uri"]), objects)
-    from .whatif import render_whatif  # torch: loaded when an image is opened, not with the page
-
     render_whatif(view, image_id)
     st.markdown("##### Metadata")
     _metadata(view, row)
@@ -79,8 +80,6 @@ def _load(view: View, image_id: int, uri: str) -> Image.Image:
 
 
 def _picture(view: View, image_id: int, uri: str, objects: pd.DataFrame | None) -> None:
-    from core import heatmap  # imports torch: only when a picture is drawn
-
     image = _load(view, image_id, uri)
     explained = _explanation_choice(view, image_id)
     if explained is not None:
@@ -193,8 +192,6 @@ def _target_label(view: View, target: int, objects_by_det: dict[int, str] | None
 
 
 def _explanation_choice(view: View, image_id: int) -> tuple[str, int, np.ndarray, bool] | None:
-    from core.explain import available_explanations, load_explanation  # imports torch
-
     if view.model_id is None:
         return None
     stored = available_explanations(view.store, view.model_id, image_id)

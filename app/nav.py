@@ -208,26 +208,32 @@ def view_switch(view: View, choices: dict[str, str], *, key: str = "vl_view") ->
 def page_number(view: View, pages: int, *, key: str = "vl_page") -> int:
     """A pager for the URL's ``page`` (1-based), clamped to ``pages``; returns the page shown."""
     pages = max(1, pages)
-    current = min(max(1, view.settings.page or 1), pages)
-    urlsync.bind(key, current)
-    if st.session_state[key] > pages:
-        st.session_state[key] = current
+    # Read from the URL itself, not ``view``: in a fragment's rerun ``view`` is the last full
+    # run's, and the pager has just written the page it moved to.
+    text = dict(urlsync.params()).get("page", "")
+    current = int(text) if text.isdigit() else view.settings.page or 1
+    urlsync.bind(key, min(max(1, current), pages))
+    shown = min(max(1, int(st.session_state[key])), pages)
+    st.session_state[key] = shown
     if pages > 1:
         st.pagination(pages, key=key, max_visible_pages=9,
                       on_change=urlsync.write_on_change(key, "page", lambda p: None if p == 1 else str(p)))
-    return current
+    return shown
 
 
-def page_param(view: View, name: str) -> str | None:
-    """The URL value of this page's parameter ``name`` (a ``<page>.<name>`` key), if any."""
-    return dict(view.page_params).get(name)
+def page_param(name: str) -> str | None:
+    """The URL value of this page's parameter ``name`` (a ``<page>.<name>`` key), if any.
+
+    Read from the URL itself: in a fragment's rerun ``view.page_params`` are the last full
+    run's, while the fragment's own widgets may have written a new value since."""
+    return dict(urlsync.params()).get(name)
 
 
 def bind_choice(view: View, key: str, name: str, options, default, to_url=str):
     """Bind widget ``key`` to page parameter ``name``: the URL picks the option (``default`` when
     absent or unknown); returns the ``on_change`` that writes the choice back (the default
     leaves the URL)."""
-    text = page_param(view, name)
+    text = page_param(name)
     current = next((option for option in options if to_url(option) == text), default)
     urlsync.bind(key, current)
     return urlsync.write_on_change(key, name, lambda value: None if value == default else to_url(value))

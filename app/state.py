@@ -25,8 +25,9 @@ from urllib.parse import parse_qsl, urlencode
 import pandas as pd
 import streamlit as st
 
-from core.cohorts import (Catalog, Cohort, ParsedQuery, ViewState, catalog_of, cohort_count, cohort_rows,
-                          compile_cohort, describe, expand, frame_sql, parse_query_lenient, read_store_param, to_query)
+from core.cohorts import (Catalog, Cohort, ParsedQuery, ViewState, catalog_of, cohort_count, cohort_outcome_counts,
+                          cohort_rows, compile_cohort, describe, expand, parse_query_lenient, read_store_param,
+                          to_query)
 from core.errors import CohortError, EvalError, StoreError, VisionLensError
 from core.matching import IOU_THRESHOLDS, threshold_index
 from core.state import SavedCohort, StateDB
@@ -94,6 +95,12 @@ def _cohort_key(cohort: Cohort, catalog: Catalog, state: StateDB) -> tuple[str, 
 def _count(_store: Store, _cohort: Cohort, _catalog: Catalog, _state: StateDB,
            store_key: tuple, cohort_key: tuple, model_id: str | None, thresholds: tuple) -> int:
     return cohort_count(_store, _cohort, model_id, state=_state, catalog=_catalog, **dict(thresholds))
+
+
+@st.cache_data(show_spinner=False, max_entries=1024)
+def _outcome_counts(_store: Store, _cohort: Cohort, _catalog: Catalog, _state: StateDB,
+                    store_key: tuple, cohort_key: tuple, model_id: str | None, thresholds: tuple) -> dict:
+    return cohort_outcome_counts(_store, _cohort, model_id, state=_state, catalog=_catalog, **dict(thresholds))
 
 
 @st.cache_data(show_spinner=False, max_entries=1024)
@@ -219,15 +226,9 @@ class View:
 
     def outcome_counts(self, cohort: Cohort | None = None) -> dict[str | None, int]:
         """Images of the cohort per outcome ('correct', 'incorrect', None: no prediction), in one query."""
-        if self.model_id is None:
-            return {None: self.count(cohort)}
-        selection, selection_params = self.selection(cohort)
-        frame, frame_params = frame_sql(self.store, self.model_id, columns=["image_id", "outcome"],
-                                        catalog=self.catalog, **self.thresholds)
-        counts = self.query(f'SELECT f."outcome", count(*) AS n FROM ({frame}) AS f '
-                            f'JOIN ({selection}) AS s USING ("image_id") GROUP BY 1',
-                            [*frame_params, *selection_params])
-        return {(None if pd.isna(o) else str(o)): int(n) for o, n in zip(counts["outcome"], counts["n"])}
+        cohort = self.cohort if cohort is None else cohort
+        return _outcome_counts(self.store, cohort, self.catalog, self.state, self.store_key,
+                               _cohort_key(cohort, self.catalog, self.state), self.model_id, self._thresholds_key())
 
     def query(self, sql: str, params: Sequence = ()) -> pd.DataFrame:
         """Any read-only query on the store, cached until the store's files change."""

@@ -5,8 +5,9 @@ mirrors a page parameter ``whatif.<setting>`` (``whatif.blur=2``; see
 ``app.state``), so a copied URL reopens the same perturbation and page links
 drop it; ``whatif.open=1`` keeps the panel open. The
 model is loaded once per store and model (``st.cache_resource``), the
-original and the perturbed image go through it in one batch (``core.robustness.what_if``),
-on CUDA when present.
+original and the perturbed image go through it in one batch (``core.rerun.what_if``),
+on CUDA when present. Torch is imported only once the panel is opened on a model
+that can be re-run: the flyout draws the closed toggle without it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -21,15 +23,18 @@ import streamlit as st
 from PIL import Image, ImageOps
 
 from core import heatmap
-from core import perturb as P
+from core import perturbation_kinds as P
 from core.cohorts import format_number
 from core.errors import VisionLensError
-from core.robustness import Runner, WhatIf, describe_outcome, save_snapshot, what_if
+from core.robustness import describe_outcome
 from core.store import Store
 
 from . import urlsync
 from .charts import bars_height, probability_bars, probability_frame
 from .state import View
+
+if TYPE_CHECKING:
+    from core.rerun import Runner, WhatIf
 
 PREFIX = "whatif."
 OPEN_PARAM = PREFIX + "open"
@@ -102,12 +107,16 @@ def _controls(settings: P.Settings) -> P.Settings:
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def _runner(_store: Store, store_path: str, model_id: str, params: str) -> Runner:
+    from core.rerun import Runner  # torch: the model is about to run
+
     return Runner.load(_store, model_id)
 
 
 @st.cache_data(show_spinner="Re-running the model…", max_entries=64)
 def _result(_runner: Runner, _store: Store, store_key: tuple, model_id: str, image_id: int, settings: P.Settings,
             iou: float, score_threshold: float, label_threshold: float) -> WhatIf:
+    from core.rerun import what_if
+
     return what_if(_runner, _store, image_id, settings, iou=iou, score_threshold=score_threshold,
                    label_threshold=label_threshold)
 
@@ -150,6 +159,8 @@ def _side(view: View, title: str, image: np.ndarray, outcome, truth: list[int], 
 
 
 def _save(view: View, result: WhatIf) -> None:
+    from core.rerun import save_snapshot
+
     try:
         line = save_snapshot(view.store.paths.base, result, model_id=view.model_id, classes=view.classes,
                              task=view.task)

@@ -6,7 +6,7 @@
 Builds a store of synthetic scenes whose model (a demo architecture, untrained:
 the cost is the same) can be re-run, then times, in turn within each round:
 
-1. ``core.robustness.run_sweep``: every image at every level, batched
+1. ``core.rerun.run_sweep``: every image at every level, batched
    (``--batch-size`` image-levels per forward), results matched (detection) and
    written as parts: the whole CLI path.
 2. The same images and levels one at a time: load the image, perturb it with
@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from core import perturb as P
+from core import rerun
 from core import robustness as R
 from core.demo import CLASS_NAMES
 from core.demo_models import build_demo_model
@@ -109,7 +110,7 @@ def main() -> None:
     try:
         path = build(folder, args.task, args.images)
         store = Store(path)
-        runner = R.Runner.load(store, "m", args.device)
+        runner = rerun.Runner.load(store, "m", args.device)
         frame = store.query('SELECT image_id, uri FROM "images" ORDER BY image_id')
         ids, uris = frame["image_id"].to_numpy(np.int64), frame["uri"].tolist()
         parts = StorePaths.of(path).parts
@@ -118,7 +119,7 @@ def main() -> None:
             shutil.rmtree(parts, ignore_errors=True)
 
         def batched() -> None:
-            R.run_sweep(path, args.perturb, levels, model_id="m", batch_size=args.batch_size, runner=runner)
+            rerun.run_sweep(path, args.perturb, levels, model_id="m", batch_size=args.batch_size, runner=runner)
 
         def one_at_a_time() -> None:
             for image_id, uri in zip(ids, uris):

@@ -47,7 +47,8 @@ Pages are cheap on big detection stores: ``cohort_rows`` aggregates detections
 and matches for a page's images only, and for a cohort that filters on them
 (the grid's ``outcome``), sorted by image columns, for a window of the first
 images in sort order (``_windowed_page``); image-column conjuncts of a cohort
-narrow the images aggregated at all.
+narrow the images aggregated at all, in pages and in ``cohort_outcome_counts`` (a cohort's
+sizes per outcome: the explorer's sections).
 """
 
 from __future__ import annotations
@@ -584,7 +585,7 @@ def _part_columns(store: Store) -> dict[str, tuple[ColumnInfo, str]]:
                 out[name] = (ColumnInfo(name, label, kind, values, "model", nan_is_null=sql_type in _FLOAT_TYPES,
                                         param_cast=_single_precision(sql_type)), LABEL_QUALITY)
     if store.has_table(COUNTERFACTUALS):
-        from .robustness import counterfactual_columns  # imports torch: only for stores that have the table
+        from .robustness import counterfactual_columns
 
         cast = _single_precision(_column_types(store, COUNTERFACTUALS).get("flip_strength", ""))
         for name, label in counterfactual_columns(store):
@@ -1495,6 +1496,31 @@ def cohort_count(store: Store, cohort: Cohort | ParsedQuery, model_id: str | Non
     sql, params = compile_cohort(cohort, store, model_id=model_id, iou=iou, score_threshold=score_threshold,
                                  label_threshold=label_threshold, state=state, catalog=catalog)
     return int(store.scalar(f"SELECT count(*) FROM ({sql}) AS s", params))
+
+
+def cohort_outcome_counts(store: Store, cohort: Cohort | ParsedQuery, model_id: str | None, *, iou: float = 0.5,
+                          score_threshold: float = 0.5, label_threshold: float = 0.5,
+                          state: "StateDB | None" = None, catalog: Catalog | None = None) -> dict[str | None, int]:
+    """Images of the cohort per outcome: ``'correct'``, ``'incorrect'`` and ``None`` (no prediction,
+    or no model), in one pass. Outcomes absent from the cohort are absent from the result.
+
+    Like a page of ``cohort_rows``, the frame aggregates detections and matches only for the
+    images that pass the cohort's image-column conjuncts: a metadata cohort of a big
+    detection store counts its own images, not every image's boxes.
+    """
+    catalog = catalog or catalog_of(store, state)
+    if model_id is None:
+        return {None: cohort_count(store, cohort, None, state=state, catalog=catalog)}
+    thresholds = {"iou": iou, "score_threshold": score_threshold, "label_threshold": label_threshold}
+    compiled = _where(cohort, catalog, state, store)
+    frame, params = _frame_for(store, catalog, model_id, ["image_id", "outcome", *sorted(compiled.needed)],
+                               thresholds, where=compiled)
+    sql = _Sql(f"SELECT {quote_identifier('outcome')} AS outcome, count(*) AS n FROM ({frame}) AS f", params)
+    if compiled.sql.text:
+        sql.add(f" WHERE {compiled.sql.text}", compiled.sql.params)
+    sql.add(" GROUP BY 1")
+    counts = store.query(sql.text, sql.params)
+    return {(None if pd.isna(o) else str(o)): int(n) for o, n in zip(counts["outcome"], counts["n"])}
 
 
 # --------------------------------------------------------------------------- summary and CLI

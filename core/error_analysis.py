@@ -240,7 +240,8 @@ def load_error_frame(store: Store, cohort: Cohort, model_id: str, features: Sequ
         if spec.kind == "numeric":
             data[spec.name] = column.to_numpy(zero_copy_only=False).astype(np.float64)
         else:
-            data[spec.name] = column.to_pandas()
+            # Each distinct value held once: a million category strings would take ~10 MiB per feature.
+            data[spec.name] = pd.Categorical(column.to_pandas())
     features_frame = pd.DataFrame(data, columns=names)
     as_float = lambda name: table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)  # noqa: E731
     return ErrorFrame(table.column("image_id").to_numpy(zero_copy_only=False).astype(np.int64), features_frame,

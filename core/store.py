@@ -319,6 +319,9 @@ class Store:
                 return False
             con = duckdb.connect(":memory:")
             try:
+                # DuckDB's allocator keeps what a query freed (over 100 MiB after a million-row
+                # result) until a background thread hands it back to the system, within a second.
+                con.execute("SET allocator_background_threads = true")
                 con.execute(f"ATTACH '{_sql_string(str(self.paths.base))}' AS base (READ_ONLY)")
                 meta = dict(con.execute("SELECT key, value FROM base.meta").fetchall())
                 version = int(meta.get("schema_version", "0"))

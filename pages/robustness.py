@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from app import explorer, flyout, nav, overview, require_view, urlsync
-from core import perturb as P
+from core import perturbation_kinds as P
 from core import robustness as R
 from core.cohorts import format_number, to_query
 from core.errors import VisionLensError
@@ -43,13 +43,15 @@ def run_here(view, kinds: list[str]) -> None:
                    f"--perturb {kind} --levels {levels.replace(' ', '')}"
                    + (f" --cohort '{query}'" if query else "") + f" --model {view.model_id}`")
         if cols[2].button("Run", icon=":material/play_arrow:", key="vl_rb_run"):
+            from core.rerun import run_sweep  # torch: only once a sweep runs
+
             bar = st.progress(0.0, text="Sweeping…")
 
             def progress(done: int, total: int) -> None:
                 bar.progress(done / max(total, 1), text=f"{done}/{total} images")
             try:
-                R.run_sweep(view.store.paths.base, kind, R.parse_levels(levels), model_id=view.model_id,
-                            cohorts=[query] if query else [], progress=progress)
+                run_sweep(view.store.paths.base, kind, R.parse_levels(levels), model_id=view.model_id,
+                          cohorts=[query] if query else [], progress=progress)
             except VisionLensError as error:
                 st.error(str(error))
                 return
@@ -89,7 +91,7 @@ start = frame[frame["level"] == 0]
 default_target = round(0.9 * float(start[metric].max()), 2) if len(start) else 0.5
 with cols[2]:
     try:
-        target_default = min(max(float(nav.page_param(view, PREFIX + "target")), 0.0), 1.0)
+        target_default = min(max(float(nav.page_param(PREFIX + "target")), 0.0), 1.0)
     except (TypeError, ValueError):  # absent or not a number: the default
         target_default = default_target
     urlsync.bind("vl_rb_target", target_default)

@@ -220,3 +220,33 @@ def test_page_files_are_named_after_their_url_paths():
     for spec in nav.PAGES:
         assert spec.path.exists(), spec.file
         assert spec.path.parent.name == "pages" and spec.path.stem == spec.url_path, spec
+
+
+def test_grid_page_past_a_sections_end_queries_no_rows(stores, app, monkeypatch):
+    from app.state import View
+    from core.cohorts import cohort_outcome_counts
+
+    store = Store(stores / "demo-multiclass.duckdb")
+    counts = cohort_outcome_counts(store, parse_query("", catalog_of(store)).cohort, "baseline")
+    small, large = sorted(counts[o] for o in ("correct", "incorrect"))
+    per_page = 12
+    page = small // per_page + 2  # past the smaller section's end, within the larger one
+    assert (page - 1) * per_page < large, counts
+    offsets = []
+    rows = View.rows
+
+    def recording(self, cohort=None, **kwargs):
+        offsets.append(kwargs.get("offset", 0))
+        return rows(self, cohort, **kwargs)
+
+    monkeypatch.setattr(View, "rows", recording)
+    at = app(f"store=demo-multiclass&page={page}&explorer.per={per_page}", page="pages/explorer.py")
+    assert errors(at) == []
+    assert offsets == [(page - 1) * per_page]  # the larger section's page alone
+    shown = [m.value for m in at.markdown if m.value.startswith(("**Correct**", "**Incorrect**"))]
+    assert sorted(shown) == sorted([f"**Correct** · {counts['correct']:,}" if counts["correct"] == small else
+                                    f"**Correct** · {(page - 1) * per_page + 1:,}–{min(page * per_page, large):,} "
+                                    f"of {large:,}",
+                                    f"**Incorrect** · {counts['incorrect']:,}" if counts["incorrect"] == small else
+                                    f"**Incorrect** · {(page - 1) * per_page + 1:,}–{min(page * per_page, large):,} "
+                                    f"of {large:,}"])

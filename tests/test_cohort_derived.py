@@ -34,7 +34,7 @@ def expected(mask: pd.Series) -> list[int]:
 
 
 def write_flips(store_path, rng: np.random.Generator, run_id: str, images: np.ndarray) -> None:
-    """Counterfactual rows as ``core.robustness.run_counterfactuals`` writes them: blur (unsigned) and
+    """Counterfactual rows as ``core.rerun.run_counterfactuals`` writes them: blur (unsigned) and
     brightness down; about a third never flip (NULL)."""
     frames = []
     for perturbation, direction, bound in (("blur", 1, 8.0), ("brightness", -1, -1.0)):
@@ -303,3 +303,49 @@ def test_pushed_page_through_saved_cohorts(stores):
         for order in (["-n_fn"], ["brightness"]):
             got = pushed_page(store, cohort, MODEL, columns, order, limit, offset)
             assert got[0] and got == unpushed_page(store, expanded, MODEL, columns, order, limit, offset)
+
+
+def joined_outcome_counts(store: Store, cohort: Cohort, model_id: str, thresholds: dict) -> dict:
+    """The reference: every image's outcome from the whole frame, joined to the cohort's selection."""
+    catalog = C.catalog_of(store)
+    selection, selection_params = C.compile_cohort(cohort, store, model_id=model_id, catalog=catalog, **thresholds)
+    frame, frame_params = C.frame_sql(store, model_id, columns=["image_id", "outcome"], catalog=catalog, **thresholds)
+    counts = store.query(f'SELECT f."outcome", count(*) AS n FROM ({frame}) AS f JOIN ({selection}) AS s '
+                         f'USING ("image_id") GROUP BY 1', [*frame_params, *selection_params])
+    return {(None if pd.isna(o) else str(o)): int(n) for o, n in zip(counts["outcome"], counts["n"])}
+
+
+@pytest.mark.parametrize("task", ["multiclass", "detection"])
+def test_outcome_counts_equal_the_whole_frame_counts(stores, task):
+    store, _ = stores[task]
+    catalog = C.catalog_of(store)
+    settings = [{"iou": 0.5, "score_threshold": 0.5, "label_threshold": 0.5},
+                {"iou": 0.75, "score_threshold": 0.3, "label_threshold": 0.5}]
+    for thresholds in settings:
+        for query in COHORTS:
+            cohort = C.parse_query(query, catalog).cohort
+            counts = C.cohort_outcome_counts(store, cohort, MODEL, catalog=catalog, **thresholds)
+            assert counts == joined_outcome_counts(store, cohort, MODEL, thresholds), (query, thresholds)
+            # Each count is its section's size, as the explorer pages it.
+            for outcome in ("correct", "incorrect"):
+                section = C.cohort_count(store, cohort.with_filters(Filter("outcome", "eq", outcome)), MODEL,
+                                         catalog=catalog, **thresholds)
+                assert counts.get(outcome, 0) == section, (query, outcome)
+            assert sum(counts.values()) == C.cohort_count(store, cohort, MODEL, catalog=catalog, **thresholds)
+    # A metadata cohort holds both outcomes: the equality above is no accident of empty sections.
+    both = C.cohort_outcome_counts(store, C.parse_query(COHORTS[3], catalog).cohort, MODEL, catalog=catalog)
+    assert both.get("correct", 0) > 0 and both.get("incorrect", 0) > 0
+
+
+def test_outcome_counts_through_saved_cohorts_and_without_a_model(stores):
+    store, _ = stores["detection"]
+    state = StateDB.for_store(store.paths.base)
+    catalog = C.catalog_of(store)
+    parent = state.create_cohort("bright", C.parse_query("brightness__gt=0.5", catalog).cohort)
+    cohort = Cohort((Filter("site", "in", ("lab", "warehouse")),), parent_id=parent.id)
+    expanded = Cohort((Filter("site", "in", ("lab", "warehouse")), Filter("brightness", "gt", 0.5)))
+    thresholds = {"iou": 0.5, "score_threshold": 0.5, "label_threshold": 0.5}
+    got = C.cohort_outcome_counts(store, cohort, MODEL, state=state, catalog=catalog)
+    assert got == joined_outcome_counts(store, expanded, MODEL, thresholds) and sum(got.values()) > 0
+    assert C.cohort_outcome_counts(store, expanded, None, catalog=catalog) == {
+        None: C.cohort_count(store, expanded, None, catalog=catalog)}

@@ -124,6 +124,16 @@ def test_every_node_round_trips_to_its_count(multiclass, encoding, max_fit_rows)
     assert sum(n.size for n in tree.leaves()) == len(frame)
 
 
+def test_categorical_features_are_held_once_per_value(multiclass):
+    store, _, _ = multiclass
+    frame = load_error_frame(store, Cohort(), "m", ["site", "camera", "brightness"])
+    stored = store.query('SELECT site, camera FROM "images" ORDER BY image_id')
+    for name in ("site", "camera"):
+        assert isinstance(frame.features[name].dtype, pd.CategoricalDtype)  # codes, not a million strings
+        pd.testing.assert_series_equal(frame.features[name].astype(object), stored[name].astype(object),
+                                       check_names=False)
+
+
 def test_sampled_fit_counts_every_image(multiclass):
     store, _, wrong = multiclass
     frame = load_error_frame(store, Cohort(), "m", ["brightness", "camera"])

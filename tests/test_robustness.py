@@ -1,9 +1,14 @@
-"""core.robustness: bisection flips where a brightness-reading model flips, sweeps at strength 0
-reproduce the stored metrics, resumability, what-if, snapshots and the CLI."""
+"""core.rerun and core.robustness: bisection flips where a brightness-reading model flips, sweeps at strength 0
+reproduce the stored metrics, resumability, what-if, snapshots, the CLI, and the Robustness page and flyout
+showing stored results without importing torch."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from core import perturb as P
+from core import rerun
 from core import robustness as R
 from core.cohorts import catalog_of, compile_cohort, parse_query
 from core.demo import CLASS_NAMES
@@ -24,6 +30,8 @@ from core.metrics.classification import classification_metrics, multilabel_metri
 from core.metrics.detection import detection_metrics
 from core.models import predict_classifier, predict_detector
 from core.store import Store, write_part
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- a model that reads brightness only
@@ -68,11 +76,11 @@ def greys(tmp_path_factory) -> Path:
 
 def test_bisection_flips_exactly_where_it_says(greys):
     store = Store(greys)
-    runner = R.Runner.load(store, "bright", "cpu")
+    runner = rerun.Runner.load(store, "bright", "cpu")
     images = runner.images(store.query('SELECT uri FROM "images" ORDER BY image_id')["uri"].tolist())
     keys = np.arange(len(GREYS))
     for bound in (1.0, -1.0):
-        strength, resolution = R.flip_strengths(runner, images, keys, "brightness", bound, grid=8, steps=10)
+        strength, resolution = rerun.flip_strengths(runner, images, keys, "brightness", bound, grid=8, steps=10)
         assert resolution == pytest.approx(1 / 8 / 2 ** 10)
         means = GREYS / 255
         crossing = 0.5 - means  # the offset that brings the mean to 0.5
@@ -93,9 +101,9 @@ def test_bisection_flips_exactly_where_it_says(greys):
 
 
 def test_counterfactuals_are_stored_resumable_and_pivoted(greys):
-    written = R.run_counterfactuals(greys, "brightness", device="cpu", steps=6)
+    written = rerun.run_counterfactuals(greys, "brightness", device="cpu", steps=6)
     assert written == 2 * len(GREYS)  # both directions
-    assert R.run_counterfactuals(greys, "brightness", device="cpu", steps=6) == 0
+    assert rerun.run_counterfactuals(greys, "brightness", device="cpu", steps=6) == 0
     table = R.counterfactuals(Store(greys), "bright").set_index("image_id")
     assert list(table.columns) == ["flip_brightness_down", "flip_brightness_up"]
     crossing = 0.5 - GREYS / 255
@@ -110,21 +118,21 @@ def test_counterfactuals_are_stored_resumable_and_pivoted(greys):
 
 def test_what_if_with_the_brightness_model(greys):
     store = Store(greys)
-    runner = R.Runner.load(store, "bright", "cpu")
-    unchanged = R.what_if(runner, store, 0, P.Settings())
+    runner = rerun.Runner.load(store, "bright", "cpu")
+    unchanged = rerun.what_if(runner, store, 0, P.Settings())
     assert not unchanged.flipped and np.array_equal(unchanged.original_image, unchanged.perturbed_image)
     crossing = 0.5 - GREYS[0] / 255
-    assert not R.what_if(runner, store, 0, P.Settings(brightness=round(crossing - 0.02, 2))).flipped
-    flipped = R.what_if(runner, store, 0, P.Settings(brightness=round(crossing + 0.02, 2)))
+    assert not rerun.what_if(runner, store, 0, P.Settings(brightness=round(crossing - 0.02, 2))).flipped
+    flipped = rerun.what_if(runner, store, 0, P.Settings(brightness=round(crossing + 0.02, 2)))
     assert flipped.flipped and flipped.original.labels == (0,) and flipped.perturbed.labels == (1,)
     assert R.describe_outcome(flipped.perturbed, ["dark", "bright"], "multiclass").startswith("bright (")
 
 
 def test_snapshot_stores_the_perturbed_image(greys):
     store = Store(greys)
-    runner = R.Runner.load(store, "bright", "cpu")
-    result = R.what_if(runner, store, 1, P.Settings(noise=0.1, occlusion=0.5))
-    line = R.save_snapshot(greys, result, model_id="bright", classes=["dark", "bright"], task="multiclass")
+    runner = rerun.Runner.load(store, "bright", "cpu")
+    result = rerun.what_if(runner, store, 1, P.Settings(noise=0.1, occlusion=0.5))
+    line = rerun.save_snapshot(greys, result, model_id="bright", classes=["dark", "bright"], task="multiclass")
     assert "noise 0.1" in line
     saved = Store(greys).query(f'SELECT * FROM "{R.SNAPSHOTS}" WHERE image_id = 1')
     assert len(saved) == 1 and saved["note"].iloc[0] == line
@@ -139,7 +147,7 @@ def test_a_store_without_a_loader_says_so(tmp_path, greys):
     path = build_store(tmp_path / "plain", Dataset("plain", "multiclass", ["dark", "bright"], images),
                        [ModelRun("file", "From a file", {}, preds)]).path
     with pytest.raises(EvalError, match="cannot be re-run"):
-        R.Runner.load(Store(path), "file")
+        rerun.Runner.load(Store(path), "file")
 
 
 # --------------------------------------------------------------------------- stores of every task
@@ -222,7 +230,7 @@ def _stored_metrics(store: Store, task: str, selection, score_threshold: float) 
 
 def test_sweep_at_strength_zero_equals_the_stored_metrics(task_store):
     task, path = task_store
-    summary = R.run_sweep(path, "blur", [0, 1.5, 3], device="cpu", batch_size=7)
+    summary = rerun.run_sweep(path, "blur", [0, 1.5, 3], device="cpu", batch_size=7)
     assert summary.rows_written == 16 * 3 and summary.rows_skipped == 0
     store = Store(path)
     cohorts = {"all": None, "north": _selection(store, "site__eq=north")}
@@ -248,17 +256,17 @@ def test_sweep_at_strength_zero_equals_the_stored_metrics(task_store):
 
 def test_sweeps_resume_and_count_each_key_once(task_store):
     task, path = task_store
-    again = R.run_sweep(path, "blur", [0, 1.5, 3, 4.5], device="cpu")
+    again = rerun.run_sweep(path, "blur", [0, 1.5, 3, 4.5], device="cpu")
     assert again.rows_written == 16 and again.rows_skipped == 16 * 3
     store = Store(path)
     listing = R.swept(store, "m")
     assert listing["level"].tolist() == [0.0, 1.5, 3.0, 4.5] and (listing["images"] == 16).all()
     before = R.robustness_curves(store, "m", "blur", {"all": None}, score_threshold=0.1)
     # The same keys stored a second time (another run) replace, never add to, the first.
-    runner = R.Runner.load(store, "m", "cpu")
+    runner = rerun.Runner.load(store, "m", "cpu")
     ids = np.arange(4)
     images = runner.images(store.query('SELECT uri FROM "images" WHERE image_id < 4 ORDER BY image_id')["uri"])
-    frames = R.sweep_frames(runner, store, ids, images, np.arange(4), np.full(4, 1.5), "blur")
+    frames = rerun.sweep_frames(runner, store, ids, images, np.arange(4), np.full(4, 1.5), "blur")
     for table, frame in frames.items():
         write_part(path, table, frame)
     after = R.robustness_curves(Store(path), "m", "blur", {"all": None}, score_threshold=0.1)
@@ -272,14 +280,14 @@ def small_detection(tmp_path_factory) -> Path:
 
 def test_geometric_sweep_moves_the_ground_truth(small_detection):
     path = small_detection
-    R.run_sweep(path, "scale", [0.0, -0.5], device="cpu")
+    rerun.run_sweep(path, "scale", [0.0, -0.5], device="cpu")
     store = Store(path)
     gts = store.query(f'SELECT image_id, gt_id, level, area_mask FROM "{R.GTS_TABLE}" ORDER BY ALL')
     original = store.query('SELECT image_id, gt_id, area FROM "gt_boxes"')
     assert len(gts[gts["level"] == 0]) == len(original)
     assert len(gts[gts["level"] == -0.5]) == len(original)  # halved boxes stay inside the image
-    runner = R.Runner.load(store, "m", "cpu")
-    result = R.what_if(runner, store, 0, P.Settings(scale=-0.5))
+    runner = rerun.Runner.load(store, "m", "cpu")
+    result = rerun.what_if(runner, store, 0, P.Settings(scale=-0.5))
     before = result.original.boxes[result.original.boxes["kind"] == "gt"].sort_values("id")
     after = result.perturbed.boxes[result.perturbed.boxes["kind"] == "gt"].sort_values("id")
     width_before = (before["xmax"] - before["xmin"]).to_numpy()
@@ -289,8 +297,8 @@ def test_geometric_sweep_moves_the_ground_truth(small_detection):
 
 def test_what_if_detection_counts_match_matching(small_detection):
     store = Store(small_detection)
-    runner = R.Runner.load(store, "m", "cpu")
-    result = R.what_if(runner, store, 2, P.Settings(), iou=0.5, score_threshold=0.0)
+    runner = rerun.Runner.load(store, "m", "cpu")
+    result = rerun.what_if(runner, store, 2, P.Settings(), iou=0.5, score_threshold=0.0)
     stored = store.query(*image_counts_params("m", 0.5, 0.0)).set_index("image_id")
     expected = tuple(int(stored.loc[2, c]) if 2 in stored.index else 0 for c in ("n_tp", "n_fp", "n_fn"))
     assert result.original.counts == expected == result.perturbed.counts
@@ -321,3 +329,40 @@ def test_cli_sweeps_and_prints_curves(greys, capsys):
     assert at.loc[0.0, "accuracy"] == 1.0 and at.loc[0.3, "flip_rate"] == pytest.approx(2 / 5)
     with pytest.raises(EvalError, match="unknown perturbation"):
         R.robustness_main([str(greys), "--perturb", "sharpen"])
+
+
+# --------------------------------------------------------------------------- reading without torch
+
+
+# Run in a fresh interpreter: this test process has torch loaded already (conftest, the model above).
+_VISIT_WITHOUT_TORCH = """
+import json, sys
+from e2e.harness import open_app, served_navigation
+
+with served_navigation():
+    at = open_app("store=greys&model=bright&image=0", page="pages/robustness.py")
+    seen = {"torch_on_the_page": "torch" in sys.modules, "subheaders": [s.value for s in at.subheader],
+            "toggles": [t.key for t in at.toggle]}
+    at.toggle(key="vl_wi_open").set_value(True).run()
+    seen["errors"] = [e.value for e in at.error] + [e.message for e in at.exception]
+    seen["torch_after_what_if"] = "torch" in sys.modules
+print(json.dumps(seen))
+"""
+
+
+def test_robustness_page_and_flyout_show_stored_results_without_torch(tmp_path):
+    """The curves, the flip strengths and the image flyout come without the ~500 MiB torch import;
+    opening the what-if panel re-runs the model and loads it (so the check sees an import)."""
+    path = _grey_store(tmp_path)
+    rerun.run_sweep(path, "brightness", [0, 0.3], device="cpu")
+    rerun.run_counterfactuals(path, "brightness", device="cpu", steps=2)
+    env = {**os.environ, "VISIONLENS_DATA": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    done = subprocess.run([sys.executable, "-c", _VISIT_WITHOUT_TORCH], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "Most fragile images" in seen["subheaders"]  # the stored flip strengths were read
+    assert "vl_wi_open" in seen["toggles"]  # the flyout of image 0 is open
+    assert not seen["torch_on_the_page"]
+    assert seen["errors"] == [] and seen["torch_after_what_if"]

@@ -121,3 +121,28 @@ def test_table_rows_saved_as_a_cohort(page, server):
 
 def test_nothing_is_fetched_from_outside(outside_requests):
     assert outside_requests == []
+
+
+def test_grid_paging_redraws_the_grids_and_lands_in_the_url(page, new_page, server):
+    # Paging runs the grids' fragment alone: the page moved to must still reach the URL and the rows.
+    visit(page, server, "/explorer?store=demo-detection&explorer.per=12")
+    first = page.locator("button.vl-card").first
+    first.wait_for()
+    shown = [page.locator("button.vl-card").nth(i).get_attribute("data-image-id") for i in range(2)]
+    page.get_by_test_id("stPaginationNext").click()
+    settle(page)
+    assert query(page)["page"] == "2"
+    page.get_by_text(re.compile(r"^Incorrect · 13–")).wait_for()
+    moved = [page.locator("button.vl-card").nth(i).get_attribute("data-image-id") for i in range(2)]
+    assert moved != shown
+    page.get_by_role("combobox", name="Per section", exact=True).click()
+    page.get_by_role("option", name="48", exact=True).click()
+    settle(page)
+    assert query(page)["explorer.per"] == "48"
+    page.get_by_text(re.compile(r"^Incorrect · 1–")).wait_for()  # one page of 48 holds the demo's section
+    assert page.locator("button.vl-card").first.get_attribute("data-image-id") == shown[0]
+    fresh = new_page()
+    visit(fresh, server, page.url.split(server, 1)[1])
+    fresh.get_by_text(re.compile(r"^Incorrect · 1–")).wait_for()
+    assert fresh.locator("button.vl-card").first.get_attribute("data-image-id") == \
+        page.locator("button.vl-card").first.get_attribute("data-image-id")

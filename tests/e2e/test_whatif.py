@@ -21,7 +21,7 @@ from PIL import Image
 from core.demo_models import build_demo_model
 from core.ingest.build import Dataset, ModelRun, build_store
 from core.models import predict_classifier
-from core.robustness import run_counterfactuals, run_sweep
+from core.rerun import run_counterfactuals, run_sweep
 
 from .conftest import CHROMIUM, serve
 from .helpers import query, settle, shot, visit
