@@ -58,6 +58,13 @@ def _tree(_frame: ErrorFrame, _view: View, frame_key: tuple, settings: TreeSetti
     return fit_error_tree(_frame, settings, catalog=_view.catalog)
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _tree_spec(_tree: ErrorTree, frame_key: tuple, settings: TreeSettings, selected: int) -> dict:
+    # The Vega-Lite spec, built once per tree and picked node: building it through Altair costs
+    # more than the rest of the page's rerun.
+    return tree_chart(_tree, selected).to_dict()
+
+
 @st.cache_resource(show_spinner="Binning…", max_entries=16)
 def _heatmap(_frame: ErrorFrame, frame_key: tuple, x: str, y: str | None, bins: int, binning: str) -> ErrorHeatmap:
     return error_heatmap(_frame, x, y, bins=bins, binning=binning)
@@ -292,7 +299,8 @@ def tree_view(view: View, choice: Choice) -> None:
     if not len(frame):
         st.info("The cohort holds no images.")
         return
-    tree = _tree(frame, view, _frame_key(view, choice.features, choice.target), settings)
+    frame_key = _frame_key(view, choice.features, choice.target)
+    tree = _tree(frame, view, frame_key, settings)
     _fit_caption(view, frame, tree)
     options = [n.node_id for n in tree.nodes]
     clicked = _new_click("vl_ea_tree", "node", ("node_id",), _CLICK)
@@ -300,8 +308,8 @@ def tree_view(view: View, choice: Choice) -> None:
         st.session_state["vl_ea_node"] = clicked[0]
     if st.session_state.get("vl_ea_node") not in options:
         st.session_state["vl_ea_node"] = _default_node(tree)
-    st.altair_chart(tree_chart(tree, st.session_state["vl_ea_node"]), key="vl_ea_tree", on_select="rerun",
-                    selection_mode="node", width="stretch")
+    st.vega_lite_chart(_tree_spec(tree, frame_key, settings, st.session_state["vl_ea_node"]), key="vl_ea_tree",
+                       on_select="rerun", selection_mode="node", width="stretch")
     labels = {n.node_id: _node_label(n) for n in tree.nodes}
     st.selectbox("Node", options, key="vl_ea_node", format_func=labels.get,
                  help="Click a node in the tree, or choose it here.")

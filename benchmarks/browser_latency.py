@@ -1,7 +1,8 @@
 """How long each interaction takes to settle in the browser, on synthetic 100k-image stores.
 
 Serves the stores with ``streamlit run`` on a free loopback port and drives Debian's
-Chromium (Playwright) through what a user does: open every page, page through the
+Chromium (Playwright) through what a user does: open every page (a new document, and a
+click in the sidebar from the explorer), page through the
 explorer's grid, switch its views, move the thumbnail-size slider, open and close a
 flyout, sort the table, pick labels in the class view, build a cohort with the filter
 builder, switch to a saved cohort, change the model, and (detection) move the IoU and
@@ -50,6 +51,7 @@ from typing import Callable, Iterator
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app.nav import PAGES  # noqa: E402
 from core.cohorts import Cohort, Filter  # noqa: E402
 from core.state import StateDB  # noqa: E402
 from core.store import StorePaths  # noqa: E402
@@ -289,6 +291,11 @@ def interactions(task: str, store: str, models: tuple[str, ...], classes: list[s
     pages = ["", "explorer", "model-overview", "error-analysis", "data-analysis", "slices", "compare", "review",
              "cohorts", "robustness"]
     out = [Interaction(f"open /{p or 'overview'}", None, lambda d, i, p=p: {"": d.goto(f"/{p}?{q}")}) for p in pages]
+    # Moving between pages in the app is a click in the sidebar, not a new document: timed from the click.
+    out += [Interaction(f"sidebar: explorer -> {spec.title}", _opened(explorer + "&page={i}3", GRID),
+                        _step(lambda d, i, t=spec.title: d.page.locator('[data-testid="stSidebar"]').get_by_role(
+                            "link", name=t, exact=True).click()))
+            for spec in PAGES if spec.url_path != "explorer"]
     sorts = ["Brightness ↓ descending", "Sharpness ↑ ascending", "Noise ↓ descending", "Contrast ↑ ascending"]
     out += [
         Interaction("explorer: next grid page", _opened(explorer + "&page={i}0", GRID),
