@@ -30,7 +30,7 @@ from core.report_charts import metric_deltas, slice_error_rates
 from core.slices import Slice, find_slices
 
 from . import nav, urlsync
-from .overview import NamedCohort, current_cohort_name, metric_specs, named_cohorts
+from .overview import NamedCohort, current_cohort_name, detection_evaluation, metric_specs, named_cohorts
 from .state import View, is_page_param
 
 EXPLORER = "pages/explorer.py"
@@ -160,8 +160,11 @@ def choose_cohorts(view: View, key: str, label_text: str, help_text: str) -> lis
 def _comparison(_store, _state, store_key: tuple, baseline: str, candidate: str, cohorts: tuple,
                 thresholds: tuple) -> ComparisonResult:
     # ``cohorts`` holds (name, query, selection): the selection changes when a saved cohort is edited.
+    # Detection metrics come from the cohorts' evaluations the model overview keeps: a new IoU or
+    # score threshold re-reads only the counts at it.
     return compare_models(_store, baseline, candidate, cohorts=[(n, q) for n, q, _ in cohorts], state=_state,
-                          links=False, **dict(thresholds))
+                          links=False, evaluate=lambda model_id, selection: detection_evaluation(
+                              _store, store_key, model_id, selection), **dict(thresholds))
 
 
 def comparison(view: View, baseline: str, candidate: str, cohorts: Sequence[CohortChoice]) -> ComparisonResult:

@@ -177,6 +177,11 @@ def _cohort_evaluation(_store, store_key: tuple, model_id: str, selection: tuple
     return evaluate_cohort(_store, model_id, selection, classes=list(classes) if classes else None)
 
 
+def detection_evaluation(store, store_key: tuple, model_id: str, selection: tuple[str, list] | None) -> CohortEvaluation:
+    """A detection cohort's evaluation (every class), from the cache the model overview fills."""
+    return _cohort_evaluation(store, store_key, model_id, selection, None)
+
+
 @st.cache_data(show_spinner=False, max_entries=512)
 def _cohort_metrics(_store, store_key: tuple, task: str, model_id: str, selection: tuple[str, list],
                     thresholds: tuple, average: str, classes: tuple[int, ...] | None) -> dict:

@@ -39,7 +39,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,7 +50,11 @@ from .errors import CohortError, EvalError
 from .store import Store
 
 if TYPE_CHECKING:
+    from .metrics.detection import CohortEvaluation
     from .state import StateDB
+
+    # (model_id, selection) -> that detection cohort's evaluation
+    Evaluator = Callable[[str, "tuple[str, list] | None"], CohortEvaluation]
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +93,12 @@ def _finite(value: object) -> float | None:
 
 
 def model_metrics(store: Store, task: str, model_id: str, selection: tuple[str, list] | None, *,
-                  iou: float = 0.5, score_threshold: float = 0.5, label_threshold: float = 0.5) -> dict:
-    """Headline metrics of one model on a selection (``None`` where undefined)."""
+                  iou: float = 0.5, score_threshold: float = 0.5, label_threshold: float = 0.5,
+                  evaluate: "Evaluator | None" = None) -> dict:
+    """Headline metrics of one model on a selection (``None`` where undefined).
+
+    ``evaluate(model_id, selection)``: the detection cohort's ``evaluate_cohort`` result, for a
+    caller that keeps them (the app does, per cohort, whatever the thresholds)."""
     from .metrics import classification
 
     if task == "multiclass":
@@ -100,7 +108,8 @@ def model_metrics(store: Store, task: str, model_id: str, selection: tuple[str, 
     elif task == "detection":
         from .metrics.detection import detection_metrics
 
-        raw = detection_metrics(store, model_id, selection, iou=iou, score_threshold=score_threshold)
+        raw = detection_metrics(store, model_id, selection, iou=iou, score_threshold=score_threshold,
+                                 evaluation=evaluate(model_id, selection) if evaluate else None)
         raw = {**raw, **{k: raw["aggregates"]["micro"][k] for k in ("precision", "recall", "f1")}}
     else:
         raise EvalError(f"unknown task {task!r}", field="task", choices=list(HEADLINE_METRICS))
@@ -374,14 +383,15 @@ def compare_models(store: Store | str, baseline: str, candidate: str, *,
                    cohorts: Sequence[tuple[str, str]] | None = None, iou: float = 0.5,
                    score_threshold: float | None = None, label_threshold: float | None = None,
                    state: "StateDB | None" = None, max_inline: int = MAX_INLINE_IDS,
-                   links: bool = True) -> ComparisonResult:
+                   links: bool = True, evaluate: "Evaluator | None" = None) -> ComparisonResult:
     """Compare ``candidate`` with ``baseline`` on the whole dataset and on each ``(name, query)`` cohort.
 
     Thresholds default to the store's (``score_threshold`` for detection,
     ``label_threshold`` for multilabel). Raises EvalError for an unknown model,
     a model of another task, or the same model twice; CohortError for a
     query that does not parse. ``links=False`` leaves every image set's
-    query out (and so never saves a cohort), for callers that only count.
+    query out (and so never saves a cohort), for callers that only count. ``evaluate``: as
+    for ``model_metrics``.
     """
     if not isinstance(store, Store):
         store = Store(store)
@@ -416,7 +426,8 @@ def compare_models(store: Store | str, baseline: str, candidate: str, *,
         members = np.zeros(n, bool)
         members[ids.to_numpy(dtype=np.int64)] = True
         count = len(ids)
-        metrics = {m: model_metrics(store, catalog.task, m, selection, **thresholds) for m in (baseline, candidate)}
+        metrics = {m: model_metrics(store, catalog.task, m, selection, evaluate=evaluate, **thresholds)
+                   for m in (baseline, candidate)}
         b_ok, c_ok = per.baseline_correct & members, per.candidate_correct & members
         evaluated = per.evaluated & members
         b_wrong, c_wrong = evaluated & ~b_ok, evaluated & ~c_ok

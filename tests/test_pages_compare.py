@@ -290,3 +290,24 @@ def test_a_slice_is_saved_as_a_named_cohort(app, stores):
     assert saved[0].cohort(catalog_of(store)) == parse_query(top.query, catalog_of(store)).cohort
     assert any("Hard slice" in s.value for s in at.success)
     assert f"vl_slice_save_{top.query}" not in [b.key for b in at.button]  # shown as saved instead
+
+
+def test_detection_compare_reuses_the_overviews_evaluations(app, monkeypatch):
+    """The compare page ranks each model's detections once per cohort, whatever the thresholds, and
+    shares those rankings with the model overview."""
+    import streamlit as st
+
+    from app import overview
+
+    calls = []
+    original = overview.evaluate_cohort
+    monkeypatch.setattr(overview, "evaluate_cohort",
+                        lambda store, model_id, selection, **kw: calls.append(model_id) or original(
+                            store, model_id, selection, **kw))
+    st.cache_data.clear()
+    assert not app("store=demo-detection", "pages/model-overview.py").exception
+    after_overview = len(calls)
+    for query in ("", "&iou=0.75", "&iou=0.75&conf=0.3"):
+        assert not app(f"store=demo-detection{query}", COMPARE).exception
+    # The overview ranked the baseline on All images and North; compare adds the candidate's two.
+    assert after_overview == 2 and sorted(calls[after_overview:]) == ["candidate", "candidate"]
