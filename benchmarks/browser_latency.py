@@ -34,19 +34,15 @@ machine's load: the load average is printed at start and end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,6 +52,7 @@ from core.cohorts import Cohort, Filter  # noqa: E402
 from core.state import StateDB  # noqa: E402
 from core.store import StorePaths  # noqa: E402
 from core.synthetic import build_synthetic_store  # noqa: E402
+from serving import serve  # noqa: E402
 
 TARGET_MS = 1000.0
 N_IMAGES = 100_000
@@ -124,47 +121,12 @@ def serving_folder(paths: list[Path], folder: Path) -> list[str]:
     return names
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # The floor: the same Streamlit serving an app that does nothing, timed the same way.
 REFERENCE_APP = """import streamlit as st
 
 st.button("Rerun", key="vl_reference_rerun")
 st.write("reference")
 """
-
-
-@contextlib.contextmanager
-def serve(folder: Path, script: Path = ROOT / "streamlit_app.py") -> Iterator[str]:
-    port = _free_port()
-    log_path = folder / f"streamlit-{script.stem}.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port),
-             "--server.address", "127.0.0.1", "--server.headless", "true"],
-            cwd=ROOT, env=dict(os.environ, VISIONLENS_DATA=str(folder)), stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/_stcore/health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()}")
-                time.sleep(0.3)
-        yield base
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 # --------------------------------------------------------------------------- timing
@@ -370,7 +332,7 @@ def reference(browser, folder: Path, repeat: int) -> None:
     """Print the floor every interaction stands on: opening and rerunning an app that does nothing."""
     script = folder / "reference_app.py"
     script.write_text(REFERENCE_APP)
-    with serve(folder, script) as base:
+    with serve(folder, script, STARTUP_S) as (base, _):
         driver = Driver(browser, base, None)
         try:
             timings = run(driver, Interaction("reference: open an empty Streamlit app", None,
@@ -419,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     slow: list[tuple[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="vl-latency-") as tmp:
         names = serving_folder(paths, Path(tmp))
-        with serve(Path(tmp)) as base, sync_playwright() as playwright:
+        with serve(Path(tmp), startup_s=STARTUP_S) as (base, _), sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             print(f"\n== the floor, first run / median of {args.repeat} ==", flush=True)
             reference(browser, Path(tmp), args.repeat)

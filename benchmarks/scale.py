@@ -31,12 +31,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +44,7 @@ from core.cohorts import catalog_of, cohort_count, cohort_rows, compile_cohort, 
 from core.error_analysis import TreeSettings, fit_error_tree, load_error_frame  # noqa: E402
 from core.store import Store, StorePaths  # noqa: E402
 from core.synthetic import SITES, build_synthetic_store  # noqa: E402
+from serving import serve  # noqa: E402
 
 SIZES = {"100k": 100_000, "1m": 1_000_000}
 MODEL = "baseline"
@@ -130,12 +128,6 @@ def engine_cases(store: Store, task: str) -> dict[str, Callable[[], object]]:
     return cases
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _memory_kb(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -151,25 +143,8 @@ def app_memory(folder: Path, stores: list[str], timeout_s: float = 300.0) -> dic
 
     from app.nav import PAGES
 
-    port = _free_port()
-    env = dict(os.environ, VISIONLENS_DATA=str(folder))
-    log = open(folder / "streamlit-bench.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
     result: dict = {"pages": {}}
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/_stcore/health", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("streamlit did not start; see " + log.name)
-                time.sleep(0.5)
+    with serve(folder, startup_s=timeout_s) as (base, server):
         result["idle"] = _memory_kb(server.pid)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -185,16 +160,9 @@ def app_memory(folder: Path, stores: list[str], timeout_s: float = 300.0) -> dic
                                        timeout=timeout_s * 1000)
                 errors = page.locator('[data-testid="stException"]').count()
                 result["pages"][f"{name}/{url_path}"] = {"seconds": time.perf_counter() - started, "exceptions": errors,
-                                             **_memory_kb(server.pid)}
+                                                         **_memory_kb(server.pid)}
             browser.close()
         result["after"] = _memory_kb(server.pid)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
     return result
 
 
