@@ -87,6 +87,10 @@ def quote_identifier(name: str) -> str:
     return '"' + str(name).replace('"', '""') + '"'
 
 
+# The selection of a cohort without filters: metrics know it means "every image".
+ALL_IMAGES_SQL = f"SELECT {quote_identifier('image_id')} FROM {quote_identifier('images')}"
+
+
 # --------------------------------------------------------------------------- values
 
 
@@ -1339,7 +1343,7 @@ def compile_cohort(cohort: Cohort | ParsedQuery, store: Store, *, model_id: str 
     context = {"model_id": model_id, "thresholds": thresholds, "where": where.text,
                "where_params": where.params, "columns": columns}
     if not where.text:
-        return Selection(f"SELECT {quote_identifier('image_id')} FROM {quote_identifier('images')}", [], **context)
+        return Selection(ALL_IMAGES_SQL, [], **context)
     frame, params = _frame_for(store, catalog, model_id, ["image_id", *columns], thresholds, where=compiled)
     return Selection(f"SELECT {quote_identifier('image_id')} FROM ({frame}) AS f WHERE {where.text}",
                      params + where.params, **context)

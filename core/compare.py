@@ -299,12 +299,14 @@ class _PerImage:
 
 def _per_image(store: Store, catalog: Catalog, baseline: str, candidate: str, thresholds: dict
                ) -> tuple[_PerImage, int]:
-    columns = ["image_id", "error", "pred_label"]
+    detection = catalog.task == "detection"
+    columns = ["image_id", "error", "n_fp" if detection else "pred_label"]
     b_sql, b_params = frame_sql(store, baseline, columns=columns, catalog=catalog, **thresholds)
     c_sql, c_params = frame_sql(store, candidate, columns=columns, catalog=catalog, **thresholds)
+    differs = ("b.n_fp AS b_fp, c.n_fp AS c_fp" if detection
+               else "b.pred_label IS DISTINCT FROM c.pred_label AS differs")
     frame = store.query(
-        f"SELECT b.image_id, b.error AS b_error, c.error AS c_error, "
-        f"b.pred_label IS DISTINCT FROM c.pred_label AS differs "
+        f"SELECT b.image_id, b.error AS b_error, c.error AS c_error, {differs} "
         f"FROM ({b_sql}) AS b JOIN ({c_sql}) AS c USING (image_id) ORDER BY b.image_id",
         b_params + c_params)
     n = store.image_count()
@@ -319,8 +321,9 @@ def _per_image(store: Store, catalog: Catalog, baseline: str, candidate: str, th
     c_ok[ids] = (~c_err.fillna(True)).to_numpy(dtype=bool)
     disagree = np.zeros(n, bool)
     counts, newly_missed = None, None
-    if catalog.task == "detection":
-        counts, object_disagree, newly_missed = _object_changes(store, baseline, candidate, thresholds, n)
+    if detection:
+        fp = [frame[column].fillna(0).to_numpy(dtype=np.int64) for column in ("b_fp", "c_fp")]
+        counts, object_disagree, newly_missed = _object_changes(store, baseline, candidate, thresholds, ids, fp, n)
         disagree = object_disagree & evaluated
     else:
         disagree[ids] = frame["differs"].to_numpy(dtype=bool)
@@ -328,37 +331,56 @@ def _per_image(store: Store, catalog: Catalog, baseline: str, candidate: str, th
     return _PerImage(evaluated, b_ok & evaluated, c_ok & evaluated, disagree, newly_missed, counts), n
 
 
-def _object_changes(store: Store, baseline: str, candidate: str, thresholds: dict, n: int
-                    ) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Per-GT found/missed for both models, FP counts per image; images where they differ."""
-    from .matching import image_counts_params, threshold_index
+_OBJECT_CHANGES_SQL = """
+WITH vl_found AS (
+    SELECT image_id, gt_id // 64 AS word,
+           coalesce(match_det_ids[?] >= 0 AND match_scores[?] >= ?, false) AS found,
+           1::UBIGINT << (gt_id % 64) AS bit, model_id
+    FROM gt_matches WHERE model_id IN (?, ?) AND (area_mask & 1) = 1),
+vl_words AS (
+    SELECT image_id,
+           bit_or(bit) FILTER (WHERE model_id = ?) & bit_or(bit) FILTER (WHERE model_id = ?) AS in_both,
+           coalesce(bit_or(bit) FILTER (WHERE model_id = ? AND found), 0) AS b_found,
+           coalesce(bit_or(bit) FILTER (WHERE model_id = ? AND found), 0) AS c_found
+    FROM vl_found GROUP BY image_id, word)
+SELECT image_id,
+       sum(bit_count(in_both))::BIGINT AS gts,
+       sum(bit_count(in_both & b_found))::BIGINT AS b_tp,
+       sum(bit_count(in_both & c_found))::BIGINT AS c_tp,
+       sum(bit_count(in_both & b_found & ~c_found))::BIGINT AS missed,
+       sum(bit_count(in_both & c_found & ~b_found))::BIGINT AS newly_found
+FROM vl_words WHERE in_both IS NOT NULL GROUP BY image_id
+"""
+
+
+def _object_changes(store: Store, baseline: str, candidate: str, thresholds: dict, ids: np.ndarray,
+                    fp: list[np.ndarray], n: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Per-GT found/missed for both models; images where they differ in that or in FP count.
+
+    ``fp``: both models' FP counts for the images ``ids``.
+
+    A ground truth's two outcomes pair up as one bit (``gt_id`` is unique in a store) in a word of
+    64 per image: one aggregate to about one row per image, where a join on every ground truth
+    (ten million at a million images) held them all in memory.
+    """
+    from .matching import threshold_index
 
     t = threshold_index(thresholds["iou"]) + 1  # DuckDB lists are 1-based
     score = float(thresholds["score_threshold"])
-    found = ('SELECT image_id, gt_id, coalesce(match_det_ids[?] >= 0 AND match_scores[?] >= ?, false) AS found '
-             'FROM "gt_matches" WHERE model_id = ? AND (area_mask & 1) = 1')
-    gts = store.query(
-        f"SELECT b.image_id, b.found AS b_found, c.found AS c_found FROM ({found}) AS b "
-        f"JOIN ({found}) AS c USING (image_id, gt_id)",
-        [t, t, score, baseline, t, t, score, candidate])
-    gt_image = gts["image_id"].to_numpy(dtype=np.int64)
-    b_found = gts["b_found"].to_numpy(dtype=bool)
-    c_found = gts["c_found"].to_numpy(dtype=bool)
-    missed = b_found & ~c_found
-    newly_found = ~b_found & c_found
-    fp = {}
-    for model in (baseline, candidate):
-        counts = store.query(*image_counts_params(model, thresholds["iou"], score))
-        per_image = np.zeros(n, np.int64)
-        per_image[counts["image_id"].to_numpy(dtype=np.int64)] = counts["n_fp"].to_numpy(dtype=np.int64)
-        fp[model] = per_image
-    disagree = (fp[baseline] != fp[candidate])
-    disagree[gt_image[missed | newly_found]] = True
+    per = store.query(_OBJECT_CHANGES_SQL, [t, t, score, baseline, candidate] + [baseline, candidate] * 2)
+    image = per["image_id"].to_numpy(dtype=np.int64)
+    missed = per["missed"].to_numpy(dtype=np.int64) > 0
+    changed = missed | (per["newly_found"].to_numpy(dtype=np.int64) > 0)
+    disagree = np.zeros(n, bool)
+    disagree[ids] = fp[0] != fp[1]
+    disagree[image[changed]] = True
     newly_missed = np.zeros(n, bool)
-    newly_missed[gt_image[missed]] = True
-    counts = {"ground_truths": len(gts), "baseline_tp": int(b_found.sum()), "candidate_tp": int(c_found.sum()),
-              "newly_missed": int(missed.sum()), "newly_found": int(newly_found.sum()),
-              "baseline_fp": int(fp[baseline].sum()), "candidate_fp": int(fp[candidate].sum())}
+    newly_missed[image[missed]] = True
+    total = per[["gts", "b_tp", "c_tp", "missed", "newly_found"]].sum()
+    counts = {"ground_truths": int(total["gts"]), "baseline_tp": int(total["b_tp"]),
+              "candidate_tp": int(total["c_tp"]), "newly_missed": int(total["missed"]),
+              "newly_found": int(total["newly_found"]),
+              "baseline_fp": int(fp[0].sum()), "candidate_fp": int(fp[1].sum())}
     return counts, disagree, newly_missed
 
 

@@ -15,6 +15,8 @@ then does the heavy work in partitions of consecutive image ids:
 - ``matching``: COCO matching of each detection model without matches
   (``core.matching.match_detections``, per image, so partitions are
   independent) → ``det_matches``, ``gt_matches``;
+- ``evaluation``: each detection model's COCO evaluation on every image, in the
+  driver (``core.metrics.detection.store_evaluations``) → ``evaluations``;
 - ``explanations`` (when methods are given): ``core.explain.precompute`` over
   the partition's images, each runnable model's predicted class (detection:
   its top detection) → ``explanations``. These rows go straight into store
@@ -62,11 +64,12 @@ import pyarrow.parquet as pq
 from .errors import IngestError
 from .ingest import build
 from .ingest.build import Dataset, ModelRun, column_catalog, validate_boxes
+from .metrics.detection import store_evaluations
 from .store import Store, StorePaths, build_base, write_part
 
 log = logging.getLogger(__name__)
 
-STEPS = ("metadata", "inference", "matching", "explanations")
+STEPS = ("metadata", "inference", "matching", "evaluation", "explanations")
 ENGINES = ("ray", "process", "serial")
 PENDING_TABLE = "pending_images"
 DEFAULT_PARTITION_IMAGES = 20_000
@@ -485,9 +488,10 @@ def precompute(store_path: str | os.PathLike, steps: Sequence[str] = STEPS, *, e
                progress: Progress | None = None) -> PrecomputeReport:
     """Run the pending ``steps`` of a store in image partitions on ``engine``; write parts.
 
-    Steps run in the order metadata, inference, matching, explanations, each only where
-    its output is missing (explanations: with ``explain_methods``, e.g. ``["ig"]``, and
-    for the maps not stored yet); ``report.seconds`` names the steps that did work.
+    Steps run in the order metadata, inference, matching, evaluation, explanations, each only
+    where its output is missing (evaluation: a detection model's metrics on every image, see
+    ``store_evaluations``; explanations: with ``explain_methods``, e.g. ``["ig"]``, and for the
+    maps not stored yet); ``report.seconds`` names the steps that did work.
     """
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
@@ -515,7 +519,18 @@ def precompute(store_path: str | os.PathLike, steps: Sequence[str] = STEPS, *, e
             n = int(store.scalar(f'SELECT count(*) FROM "{_source_table(store)}"'))
             staged = staging_folder(path, step)
             try:
-                if step == "explanations":
+                if step == "evaluation":
+                    detection = store.task == "detection"
+                    store.close()
+                    if not detection:
+                        continue
+                    if progress:
+                        progress(step, 0, 1)
+                    evaluated = store_evaluations(path)
+                    if not evaluated:
+                        continue
+                    report.rows["evaluations"] = len(evaluated)
+                elif step == "explanations":
                     store.close()
                     if not explain_methods:
                         continue

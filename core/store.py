@@ -26,6 +26,7 @@ import fcntl
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -50,6 +51,11 @@ LOCK_SUFFIX = ".lock"
 PART_SUFFIX = ".parquet"
 # Parts of one table up to this size are held in memory after each refresh.
 PARTS_IN_MEMORY_BYTES = 256 * 1024 * 1024
+# DuckDB keeps the blocks a reader has scanned cached up to its memory limit (80% of RAM by
+# default): over a gigabyte after a few pages of a 3 GB store. Readers get a smaller limit and
+# spill joins, aggregates and sorts past it to a temporary folder of their own.
+READ_MEMORY_LIMIT = "512MB"
+READ_MEMORY_LIMIT_ENV = "VISIONLENS_MEMORY_LIMIT"
 
 # Columns every store has, so views exist before any part is written. Builders
 # may add columns (metadata fields, per-task prediction columns).
@@ -322,6 +328,7 @@ class Store:
                 # DuckDB's allocator keeps what a query freed (over 100 MiB after a million-row
                 # result) until a background thread hands it back to the system, within a second.
                 con.execute("SET allocator_background_threads = true")
+                self._limit_memory(con)
                 con.execute(f"ATTACH '{_sql_string(str(self.paths.base))}' AS base (READ_ONLY)")
                 meta = dict(con.execute("SELECT key, value FROM base.meta").fetchall())
                 version = int(meta.get("schema_version", "0"))
@@ -355,6 +362,18 @@ class Store:
             self._con, self._meta, self._signature = con, meta, disk
             self._tables = tuple(sorted(base_tables | set(part_files)))
             return True
+
+    def _limit_memory(self, con: duckdb.DuckDBPyConnection) -> None:
+        limit = os.environ.get(READ_MEMORY_LIMIT_ENV) or READ_MEMORY_LIMIT
+        try:
+            con.execute(f"SET memory_limit = '{_sql_string(limit)}'")
+        except duckdb.Error as exc:
+            raise StoreError(f"{READ_MEMORY_LIMIT_ENV}={limit!r} is not a memory size such as 512MB or 2GB",
+                             field=READ_MEMORY_LIMIT_ENV) from exc
+        # A folder per connection that does not exist yet: DuckDB creates it when it first spills
+        # and removes it on close (the default, ./.tmp, is shared by every process in the folder).
+        spill = Path(tempfile.gettempdir()) / f"visionlens-spill-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        con.execute(f"SET temp_directory = '{_sql_string(str(spill))}'")
 
     @staticmethod
     def _load_parts(con: duckdb.DuckDBPyConnection, table: str, files: list[str]) -> str:

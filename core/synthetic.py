@@ -39,6 +39,7 @@ from .distributed import StagedTables, order_key_transform, staging_folder
 from .errors import IngestError
 from .ingest.build import column_catalog
 from .matching import match_detections
+from .metrics.detection import store_evaluations
 from .store import StorePaths, build_base
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,9 @@ def build_synthetic_store(out_path: str | Path, *, task: str = "multiclass", n_i
                 "score_threshold": 0.5}
         step("writing")
         built = build_base(paths.base, tables, meta)
+        if task == "detection":
+            step("evaluating")
+            store_evaluations(built.base)
     finally:
         staging.remove()
     return built.base

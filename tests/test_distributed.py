@@ -90,7 +90,8 @@ KEYS = {"images": ["image_id"], "thumbnails": ["image_id"], "columns": ["name"],
         "predictions": ["model_id", "image_id"], "outcomes": ["model_id", "image_id"],
         "gt_boxes": ["gt_id"], "det_boxes": ["model_id", "det_id"],
         "det_matches": ["model_id", "det_id"], "gt_matches": ["model_id", "gt_id"],
-        "explanations": ["model_id", "method", "image_id", "target"]}
+        "explanations": ["model_id", "method", "image_id", "target"],
+        "evaluations": ["model_id", "name"]}
 
 
 def _plain(value):
@@ -103,6 +104,9 @@ def _plain(value):
 
 def assert_same_store(got: Store, want: Store) -> None:
     for table, keys in KEYS.items():
+        assert got.has_table(table) == want.has_table(table), table
+        if not want.has_table(table):
+            continue
         want_rows = want.query(f'SELECT * FROM "{table}"')
         got_rows = got.query(f'SELECT * FROM "{table}"')
         assert sorted(got_rows.columns) == sorted(want_rows.columns), table
@@ -114,7 +118,10 @@ def assert_same_store(got: Store, want: Store) -> None:
         want_rows = want_rows.sort_values(keys).reset_index(drop=True)[cols]
         for col in cols:
             a, b = got_rows[col].map(_plain).tolist(), want_rows[col].map(_plain).tolist()
-            if table == "explanations" and col == "data":
+            if table == "evaluations" and col == "data":
+                for x, y, dtype in zip(a, b, want_rows["dtype"]):
+                    np.testing.assert_allclose(np.frombuffer(x, dtype), np.frombuffer(y, dtype), atol=1e-6)
+            elif table == "explanations" and col == "data":
                 # Quantised maps: a different batch split may move a value by one code.
                 for x, y in zip(a, b):
                     assert len(x) == len(y), "explanations.data"
@@ -142,7 +149,8 @@ def test_precompute_equals_build_store(tmp_path, engine, task):
     # Partitions of 5 images: 5 partitions, the last one partial.
     report = precompute(path, engine=engine, partition_images=5, workers=2, device="cpu",
                         explain_methods=explain)
-    assert set(report.seconds) == ({"metadata", "inference"} | ({"matching"} if task == "detection" else set())
+    assert set(report.seconds) == ({"metadata", "inference"}
+                                   | ({"matching", "evaluation"} if task == "detection" else set())
                                    | ({"explanations"} if explain else set()))
     if explain:
         assert report.rows["explanations"] == 2 * 23  # each model's predicted class, every image

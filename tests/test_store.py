@@ -161,3 +161,15 @@ def test_writers_succeed_while_another_process_reads(base, tmp_path):
     out, _ = reader.communicate(timeout=60)
     assert reader.returncode == 0
     assert out.split() == ["3", "3", "5"]
+
+
+def test_readers_have_a_memory_limit_and_spill_folder_of_their_own(base, monkeypatch):
+    setting = "SELECT current_setting('memory_limit'), current_setting('temp_directory')"
+    limit, spill = Store(base).rows(setting)[0]
+    _, other_spill = Store(base).rows(setting)[0]
+    assert limit == "488.2 MiB" and spill != other_spill  # READ_MEMORY_LIMIT, 512 MB
+    monkeypatch.setenv(store_mod.READ_MEMORY_LIMIT_ENV, "2GB")
+    assert Store(base).rows(setting)[0][0] == "1.8 GiB"
+    monkeypatch.setenv(store_mod.READ_MEMORY_LIMIT_ENV, "plenty")
+    with pytest.raises(StoreError, match="VISIONLENS_MEMORY_LIMIT='plenty' is not a memory size"):
+        Store(base)

@@ -233,3 +233,39 @@ def test_evaluation_read_a_few_classes_at_a_time_equals_one_read(detection_store
         assert np.array_equal(getattr(whole.micro, name), getattr(chunked.micro, name))
     assert np.array_equal(whole.grid_tp, chunked.grid_tp) and np.array_equal(whole.grid_fp, chunked.grid_fp)
     assert (whole.per_class.precision[0, 0, :, 0] > 0).all()
+
+
+def test_the_all_images_evaluation_is_persisted_and_kept_current(detection_store, tmp_path, monkeypatch):
+    import shutil
+
+    import core.metrics.detection as detection
+    from core.cohorts import ALL_IMAGES_SQL
+
+    assert detection.store_evaluations(detection_store.paths.base) == []  # written with the store, current
+    reads = []
+    original = detection._cohort_dets
+    monkeypatch.setattr(detection, "_cohort_dets", lambda *a, **k: reads.append(1) or original(*a, **k))
+    unrecognised = ("SELECT image_id FROM images", [])  # every image too, but evaluated from the matches
+    for model in ("baseline", "candidate"):
+        stored = detection.evaluate_cohort(detection_store, model, (ALL_IMAGES_SQL, []))
+        assert not reads
+        fresh = detection.evaluate_cohort(detection_store, model, unrecognised)
+        assert reads
+        for name in ("class_ids", "n_gt", "grid_tp", "grid_fp"):
+            assert getattr(stored, name).dtype == getattr(fresh, name).dtype
+            assert np.array_equal(getattr(stored, name), getattr(fresh, name))
+        for ranking in ("per_class", "micro"):
+            for name in ("precision", "scores", "recall"):
+                assert np.array_equal(getattr(getattr(stored, ranking), name), getattr(getattr(fresh, ranking), name))
+        reads.clear()
+    # A change to the evaluation's code makes the persisted ones stale: computed afresh, then rewritten.
+    copy = tmp_path / detection_store.paths.base.name
+    shutil.copy(detection_store.paths.base, copy)
+    shutil.copytree(detection_store.paths.parts, tmp_path / detection_store.paths.parts.name)
+    monkeypatch.setattr(detection, "EVALUATION_VERSION", detection.EVALUATION_VERSION + 1)
+    detection.evaluate_cohort(Store(copy), "baseline", None)
+    assert reads
+    assert detection.store_evaluations(copy) == ["baseline", "candidate"]
+    reads.clear()
+    detection.evaluate_cohort(Store(copy), "baseline", None)
+    assert not reads

@@ -20,6 +20,7 @@ import pandas as pd
 
 from .. import store as store_mod
 from ..errors import IngestError
+from ..metrics.detection import store_evaluations
 
 log = logging.getLogger(__name__)
 
@@ -388,6 +389,10 @@ def build_store(out_path: str | Path, dataset: Dataset, models: list[ModelRun] |
     if progress:
         progress("writing", 0, 1)
     paths = store_mod.build_base(out_path, tables, meta)
+    if task == "detection" and runs:
+        if progress:
+            progress("evaluating", 0, 1)
+        store_evaluations(paths.base)
     for problem in problems:
         log.warning("skipped: %s", problem)
     return BuildReport(paths.base, len(images), list(problems))
@@ -423,3 +428,5 @@ def add_model(store_path: str | Path, run: ModelRun, *, threshold: float | None 
     for table in sorted(t for t in tables if t != "models"):
         store_mod.write_part(store_path, table, tables[table])
     store_mod.write_part(store_path, "models", tables["models"])
+    if task == "detection":
+        store_evaluations(store_path)

@@ -34,12 +34,13 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ..errors import EvalError
 from ..matching import (AREA_NAMES, AREA_RANGE_BITS, IOU_THRESHOLDS, MAX_DETS, N_AREAS,
                         N_THRESHOLDS, RECALL_THRESHOLDS, bit_index, match_arrays, score_value,
                         threshold_index)
-from ..store import memory_connection
+from ..store import Store, memory_connection, write_part
 
 log = logging.getLogger(__name__)
 
@@ -374,10 +375,15 @@ def evaluate_cohort(store, model_id: str, selection: tuple[str, list] | None, *,
     Classes are ranked independently, so they are read a group at a time (at most
     ``CHUNK_DETECTIONS`` detections, unless one class holds more): memory stays bounded
     whatever the size of the cohort. The micro ranking keeps, of each detection, only what
-    area 'all' needs (11 bytes).
+    area 'all' needs (11 bytes). Every image and every class: read from the store when
+    ``store_evaluations`` has written it (``precompute`` and ingest do).
     """
     _check_model(store, model_id)
     class_ids = _class_ids(store, classes)
+    if _whole_store(store, selection, class_ids):
+        stored = stored_evaluation(store, model_id)
+        if stored is not None:
+            return stored
     n_gt = _cohort_gt_counts(store, model_id, selection, class_ids)
     n_classes = len(class_ids)
     precision = np.full((N_THRESHOLDS, len(RECALL_THRESHOLDS), n_classes, N_AREAS), -1.0)
@@ -404,6 +410,85 @@ def evaluate_cohort(store, model_id: str, selection: tuple[str, list] | None, *,
         del d, cls
     return CohortEvaluation(model_id, class_ids, n_gt, Accumulated(precision, scores, recall),
                             _micro_accumulate(micro_parts, n_gt), grid_tp, grid_fp)
+
+
+# --------------------------------------------------------------------------- persisted evaluations
+
+EVALUATIONS_TABLE = "evaluations"
+# Bump whenever evaluate_cohort's results change: evaluations persisted before are then recomputed.
+EVALUATION_VERSION = 1
+_EVALUATION_ARRAYS = ("class_ids", "n_gt", "precision", "scores", "recall", "micro_precision", "micro_scores",
+                      "micro_recall", "grid_tp", "grid_fp")
+
+
+def _whole_store(store, selection: tuple[str, list] | None, class_ids: np.ndarray) -> bool:
+    from ..cohorts import ALL_IMAGES_SQL
+
+    every_image = selection is None or (selection[0] == ALL_IMAGES_SQL and not selection[1])
+    return every_image and len(class_ids) == len(store.classes)
+
+
+def _match_counts(store, model_id: str) -> tuple[int, int]:
+    """(stored detection matches, stored GT matches) of a model: milliseconds at ten million."""
+    return store.rows('SELECT (SELECT count(*) FROM "det_matches" WHERE model_id = ?), '
+                      '(SELECT count(*) FROM "gt_matches" WHERE model_id = ?)', [model_id, model_id])[0]
+
+
+def stored_evaluation(store, model_id: str) -> CohortEvaluation | None:
+    """The persisted all-images evaluation of ``model_id``, if it is current: written by this
+    ``EVALUATION_VERSION`` over the matches the store holds now."""
+    if not store.has_table(EVALUATIONS_TABLE):
+        return None
+    n_det, n_gt = _match_counts(store, model_id)
+    rows = store.rows(
+        f'SELECT name, dtype, shape, data FROM "{EVALUATIONS_TABLE}" WHERE model_id = ? AND version = ? '
+        'AND n_detections = ? AND n_ground_truths = ?', [model_id, EVALUATION_VERSION, n_det, n_gt])
+    arrays = {name: np.frombuffer(data, dtype=dtype).reshape(shape).copy() for name, dtype, shape, data in rows}
+    if set(arrays) != set(_EVALUATION_ARRAYS):
+        return None
+    return CohortEvaluation(model_id, arrays["class_ids"], arrays["n_gt"],
+                            Accumulated(arrays["precision"], arrays["scores"], arrays["recall"]),
+                            Accumulated(arrays["micro_precision"], arrays["micro_scores"], arrays["micro_recall"]),
+                            arrays["grid_tp"], arrays["grid_fp"])
+
+
+def store_evaluations(store_path) -> list[str]:
+    """Evaluate on every image each detection model whose persisted evaluation is missing or
+    stale, and write them as one store part; returns those models.
+
+    At ten million detections an evaluation takes seconds; persisted, the pages that open on
+    all images (model overview, compare) read it in milliseconds.
+    """
+    store = Store(store_path)
+    try:
+        if store.task != "detection":
+            return []
+        rows = []
+        for model_id in store.model_ids():
+            counts = _match_counts(store, model_id)
+            if not counts[1] or stored_evaluation(store, model_id) is not None:
+                continue  # not matched yet, or done
+            evaluation = evaluate_cohort(store, model_id, None)
+            arrays = {"class_ids": evaluation.class_ids, "n_gt": evaluation.n_gt,
+                      "precision": evaluation.per_class.precision, "scores": evaluation.per_class.scores,
+                      "recall": evaluation.per_class.recall, "micro_precision": evaluation.micro.precision,
+                      "micro_scores": evaluation.micro.scores, "micro_recall": evaluation.micro.recall,
+                      "grid_tp": evaluation.grid_tp, "grid_fp": evaluation.grid_fp}
+            rows += [{"model_id": model_id, "version": EVALUATION_VERSION, "n_detections": counts[0],
+                      "n_ground_truths": counts[1], "name": name, "dtype": array.dtype.str,
+                      "shape": list(array.shape), "data": np.ascontiguousarray(array).tobytes()}
+                     for name, array in arrays.items()]
+    finally:
+        store.close()
+    if not rows:
+        return []
+    write_part(store_path, EVALUATIONS_TABLE, pa.Table.from_pylist(rows, schema=_EVALUATIONS_SCHEMA))
+    return sorted({row["model_id"] for row in rows})
+
+
+_EVALUATIONS_SCHEMA = pa.schema([("model_id", pa.string()), ("version", pa.int32()), ("n_detections", pa.int64()),
+                                 ("n_ground_truths", pa.int64()), ("name", pa.string()), ("dtype", pa.string()),
+                                 ("shape", pa.list_(pa.int64())), ("data", pa.binary())])
 
 
 def _in_key_order(rows: dict[str, np.ndarray], key: str = "order_key") -> dict[str, np.ndarray]:
