@@ -64,7 +64,7 @@ import pyarrow.parquet as pq
 from .errors import IngestError
 from .ingest import build
 from .ingest.build import Dataset, ModelRun, column_catalog, validate_boxes
-from .metrics.detection import store_evaluations
+from .metrics.detection import EVALUATION_ARRAYS, store_evaluations
 from .store import Store, StorePaths, build_base, write_part
 
 log = logging.getLogger(__name__)
@@ -525,11 +525,11 @@ def precompute(store_path: str | os.PathLike, steps: Sequence[str] = STEPS, *, e
                     if not detection:
                         continue
                     if progress:
-                        progress(step, 0, 1)
+                        progress(step, 0, n)
                     evaluated = store_evaluations(path)
                     if not evaluated:
                         continue
-                    report.rows["evaluations"] = len(evaluated)
+                    report.rows["evaluations"] = len(evaluated) * len(EVALUATION_ARRAYS)
                 elif step == "explanations":
                     store.close()
                     if not explain_methods:
@@ -606,7 +606,7 @@ def ray_precompute(store_path: str | os.PathLike, what: Sequence[str] = STEPS, *
 def distributed_main(argv: list[str] | None = None) -> int:
     """``visionlens precompute STORE --engine ray|process|serial [--steps ...]``."""
     parser = argparse.ArgumentParser(prog="visionlens precompute",
-                                     description="metadata, inference, matching and explanations in image partitions")
+                                     description="metadata, inference, matching, evaluation and explanations in image partitions")
     parser.add_argument("store", help="path to NAME.duckdb (made by plan_store)")
     parser.add_argument("--engine", choices=ENGINES, default="process")
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated from " + ", ".join(STEPS))

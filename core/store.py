@@ -54,7 +54,7 @@ PARTS_IN_MEMORY_BYTES = 256 * 1024 * 1024
 # DuckDB keeps the blocks a reader has scanned cached up to its memory limit (80% of RAM by
 # default): over a gigabyte after a few pages of a 3 GB store. Readers get a smaller limit and
 # spill joins, aggregates and sorts past it to a temporary folder of their own.
-READ_MEMORY_LIMIT = "512MB"
+READ_MEMORY_LIMIT = "256MB"
 READ_MEMORY_LIMIT_ENV = "VISIONLENS_MEMORY_LIMIT"
 
 # Columns every store has, so views exist before any part is written. Builders

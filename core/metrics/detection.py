@@ -417,7 +417,7 @@ def evaluate_cohort(store, model_id: str, selection: tuple[str, list] | None, *,
 EVALUATIONS_TABLE = "evaluations"
 # Bump whenever evaluate_cohort's results change: evaluations persisted before are then recomputed.
 EVALUATION_VERSION = 1
-_EVALUATION_ARRAYS = ("class_ids", "n_gt", "precision", "scores", "recall", "micro_precision", "micro_scores",
+EVALUATION_ARRAYS = ("class_ids", "n_gt", "precision", "scores", "recall", "micro_precision", "micro_scores",
                       "micro_recall", "grid_tp", "grid_fp")
 
 
@@ -444,7 +444,7 @@ def stored_evaluation(store, model_id: str) -> CohortEvaluation | None:
         f'SELECT name, dtype, shape, data FROM "{EVALUATIONS_TABLE}" WHERE model_id = ? AND version = ? '
         'AND n_detections = ? AND n_ground_truths = ?', [model_id, EVALUATION_VERSION, n_det, n_gt])
     arrays = {name: np.frombuffer(data, dtype=dtype).reshape(shape).copy() for name, dtype, shape, data in rows}
-    if set(arrays) != set(_EVALUATION_ARRAYS):
+    if set(arrays) != set(EVALUATION_ARRAYS):
         return None
     return CohortEvaluation(model_id, arrays["class_ids"], arrays["n_gt"],
                             Accumulated(arrays["precision"], arrays["scores"], arrays["recall"]),
