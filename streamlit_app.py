@@ -9,6 +9,7 @@ import streamlit as st
 
 from app import cohort_bar, first_run, nav, state
 
+nav.freeze_imports()
 st.set_page_config(page_title="VisionLens", page_icon=nav.app_icon(), layout="wide")
 
 if first_run.needed():

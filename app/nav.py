@@ -8,6 +8,8 @@ file exists and the store suits it (task, number of models).
 
 from __future__ import annotations
 
+import functools
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +61,13 @@ PAGES: tuple[PageSpec, ...] = (
 
 
 @st.cache_resource(show_spinner=False)
+@functools.cache
+def freeze_imports() -> None:
+    """Leave what is imported by now (it lives as long as the process) out of the garbage
+    collector's full passes, which otherwise walk every one of its objects: once per process."""
+    gc.freeze()
+
+
 def app_icon() -> Image.Image:
     """The browser-tab icon, drawn here: a Material icon as favicon would be fetched from Google."""
     icon = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
