@@ -201,11 +201,21 @@ def as_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.rint(scaled * 255.0).astype(np.uint8), mode="L").convert("RGB")
 
 
+def upright(image: Image.Image, orientation: object) -> Image.Image:
+    """``image`` (in the stored frame, where boxes and maps are drawn) the way a viewer shows
+    it: turned by its EXIF orientation (1..8; None, NaN or 1: as it is)."""
+    try:
+        code = int(orientation)
+    except (TypeError, ValueError):
+        return image
+    for op in _ORIENTATION_OPS.get(code, ()):
+        image = image.transpose(op)
+    return image
+
+
 def _thumbnail(small_rgb: Image.Image, orientation: object) -> bytes:
     """JPEG of ``small_rgb`` (changed in place) turned upright by its EXIF orientation."""
-    thumb = small_rgb
-    for op in _ORIENTATION_OPS.get(int(orientation) if orientation else 1, ()):
-        thumb = thumb.transpose(op)
+    thumb = upright(small_rgb, orientation)
     thumb.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BICUBIC)
     out = io.BytesIO()
     thumb.save(out, "JPEG", quality=THUMBNAIL_QUALITY)

@@ -12,7 +12,7 @@ from PIL import Image, TiffImagePlugin
 from scipy.signal import convolve2d
 
 from core.errors import IngestError
-from core.metadata import BATCH_SIZE, STATS_MAX_SIDE, THUMBNAIL_SIDE, compute_metadata, image_statistics
+from core.metadata import BATCH_SIZE, STATS_MAX_SIDE, THUMBNAIL_SIDE, compute_metadata, image_statistics, upright
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -195,6 +195,16 @@ def test_exif_fields_parsed(tmp_path):
     thumb = Image.open(io.BytesIO(row["thumbnail"]))
     assert thumb.size == (20, 40)
     assert (row["width"], row["height"]) == (40, 20)
+
+
+@pytest.mark.parametrize("orientation,corner", [(None, (0, 0)), (float("nan"), (0, 0)), (1, (0, 0)), (3, (2, 1)),
+                                                (6, (1, 0)), (8, (0, 2)), (42, (0, 0))])
+def test_upright_turns_the_stored_frame_as_a_viewer_does(orientation, corner):
+    stored = np.zeros((2, 3, 3), np.uint8)  # 3 wide, 2 high; the top-left pixel marked
+    stored[0, 0] = 255
+    shown = np.asarray(upright(Image.fromarray(stored), orientation))
+    assert shown.shape[:2] == ((3, 2) if orientation in (6, 8) else (2, 3))
+    assert tuple(np.argwhere(shown[:, :, 0] == 255)[0][::-1]) == corner  # (x, y) where the mark lands
 
 
 def test_odd_exif_is_skipped_never_fatal(tmp_path):
