@@ -580,7 +580,7 @@ def visualisations(view: View, cohorts: Sequence[NamedCohort]) -> None:
 
 
 def _metrics_chart_tab(view: View, names: list[str], by_name: dict[str, NamedCohort], current: str) -> None:
-    picked = st.multiselect("Cohorts", names, default=names[:6], key=f"vl_viz_cohorts_{view.store.name}")
+    picked = st.multiselect("Cohorts", names, default=names[:6], key=f"vl_viz_cohorts_{view.store.name}", persist_state="session")
     chosen = chosen_metrics(view)
     average, classes = detection_settings(view) if view.task == "detection" else ("macro", None)
     rows = []
@@ -599,15 +599,15 @@ def _metrics_chart_tab(view: View, names: list[str], by_name: dict[str, NamedCoh
 
 def _confusion_tab(view: View, names: list[str], by_name: dict[str, NamedCohort], current: str) -> None:
     cols = st.columns([2, 4, 2], vertical_alignment="bottom")
-    cohort_name = cols[0].selectbox("Cohort", names, index=names.index(current), key="vl_cm_cohort")
+    cohort_name = cols[0].selectbox("Cohort", names, index=names.index(current), key="vl_cm_cohort", persist_state="session")
     noun = "Labels" if view.task == "multilabel" else "Classes"
     classes = cols[1].multiselect(noun, list(view.classes), default=_default_classes(view),
-                                  key=f"vl_cm_classes_{view.store.name}")
+                                  key=f"vl_cm_classes_{view.store.name}", persist_state="session")
     if view.task == "multilabel":
-        normalize = "true" if cols[2].toggle("Share per label", key="vl_cm_norm_ml") else None
+        normalize = "true" if cols[2].toggle("Share per label", key="vl_cm_norm_ml", persist_state="session") else None
     else:
         normalize = cols[2].selectbox("Normalisation", NORMALIZATIONS, format_func=NORMALIZATION_LABELS.get,
-                                      key="vl_cm_norm")
+                                      key="vl_cm_norm", persist_state="session")
     if not classes:
         st.info(f"Choose at least one {noun.lower()[:-1] if view.task == 'multilabel' else 'class'}.")
         return
@@ -625,9 +625,9 @@ def _confusion_tab(view: View, names: list[str], by_name: dict[str, NamedCohort]
 
 def _pr_curves_tab(view: View, names: list[str], by_name: dict[str, NamedCohort], current: str) -> None:
     cols = st.columns([2, 5], vertical_alignment="bottom")
-    cohort_name = cols[0].selectbox("Cohort", names, index=names.index(current), key="vl_pr_cohort")
+    cohort_name = cols[0].selectbox("Cohort", names, index=names.index(current), key="vl_pr_cohort", persist_state="session")
     classes = cols[1].multiselect("Classes", list(view.classes), default=_default_classes(view)[:6],
-                                  key=f"vl_pr_classes_{view.store.name}")
+                                  key=f"vl_pr_classes_{view.store.name}", persist_state="session")
     result = detection_metrics_for_curves(view, by_name[cohort_name].cohort)
     st.caption(f"Precision against recall at IoU {view.iou:.2f} (COCO's 101 recall points, every area, up to 100 "
                "detections per image).")
@@ -636,7 +636,7 @@ def _pr_curves_tab(view: View, names: list[str], by_name: dict[str, NamedCohort]
 
 
 def _tide_tab(view: View, names: list[str], by_name: dict[str, NamedCohort], current: str) -> None:
-    cohort_name = st.selectbox("Cohort", names, index=names.index(current), key="vl_tide_cohort")
+    cohort_name = st.selectbox("Cohort", names, index=names.index(current), key="vl_tide_cohort", persist_state="session")
     tide = _tide(view.store, view.store_key, view.model_id, _selection_key(view, by_name[cohort_name].cohort),
                  tuple(sorted(view.thresholds.items())))
     st.caption(f"TIDE error types at IoU {view.iou:.2f}: each false positive and missed object gets one type; "

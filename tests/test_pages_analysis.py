@@ -228,3 +228,20 @@ def test_data_analysis_chart_and_table(app, task):
     at.segmented_control(key="vl_view").set_value("table").run()
     assert not at.exception
     assert at.query_params["view"] == "table"
+
+
+def test_a_tab_keeps_its_choices_while_another_is_open(app):
+    """Only the open visualisation tab runs; the widgets of the others keep their values."""
+    at = app("store=demo-multiclass", OVERVIEW)
+    at.session_state["vl_viz_tab"] = "Confusion matrix"
+    at.run()
+    classes = next(w for w in at.multiselect if w.label == "Classes")
+    chosen = classes.options[2:4]
+    classes.set_value(chosen).run()
+    at.session_state["vl_viz_tab"] = "Metrics chart"
+    at.run()
+    assert not [w for w in at.multiselect if w.label == "Classes"]  # the confusion tab did not run
+    at.session_state["vl_viz_tab"] = "Confusion matrix"
+    at.run()
+    assert not at.exception
+    assert next(w for w in at.multiselect if w.label == "Classes").value == chosen
