@@ -299,17 +299,17 @@ class _PerImage:
 
 def _per_image(store: Store, catalog: Catalog, baseline: str, candidate: str, thresholds: dict
                ) -> tuple[_PerImage, int]:
-    detection = catalog.task == "detection"
-    columns = ["image_id", "error", "n_fp" if detection else "pred_label"]
+    n = store.image_count()
+    if catalog.task == "detection":
+        return _detection_per_image(store, baseline, candidate, thresholds, n), n
+    columns = ["image_id", "error", "pred_label"]
     b_sql, b_params = frame_sql(store, baseline, columns=columns, catalog=catalog, **thresholds)
     c_sql, c_params = frame_sql(store, candidate, columns=columns, catalog=catalog, **thresholds)
-    differs = ("b.n_fp AS b_fp, c.n_fp AS c_fp" if detection
-               else "b.pred_label IS DISTINCT FROM c.pred_label AS differs")
     frame = store.query(
-        f"SELECT b.image_id, b.error AS b_error, c.error AS c_error, {differs} "
+        f"SELECT b.image_id, b.error AS b_error, c.error AS c_error, "
+        f"b.pred_label IS DISTINCT FROM c.pred_label AS differs "
         f"FROM ({b_sql}) AS b JOIN ({c_sql}) AS c USING (image_id) ORDER BY b.image_id",
         b_params + c_params)
-    n = store.image_count()
     ids = frame["image_id"].to_numpy(dtype=np.int64)
     b_err = frame["b_error"].astype("boolean")
     c_err = frame["c_error"].astype("boolean")
@@ -320,68 +320,77 @@ def _per_image(store: Store, catalog: Catalog, baseline: str, candidate: str, th
     c_ok = np.zeros(n, bool)
     c_ok[ids] = (~c_err.fillna(True)).to_numpy(dtype=bool)
     disagree = np.zeros(n, bool)
-    counts, newly_missed = None, None
-    if detection:
-        fp = [frame[column].fillna(0).to_numpy(dtype=np.int64) for column in ("b_fp", "c_fp")]
-        counts, object_disagree, newly_missed = _object_changes(store, baseline, candidate, thresholds, ids, fp, n)
-        disagree = object_disagree & evaluated
-    else:
-        disagree[ids] = frame["differs"].to_numpy(dtype=bool)
-        disagree &= evaluated
-    return _PerImage(evaluated, b_ok & evaluated, c_ok & evaluated, disagree, newly_missed, counts), n
+    disagree[ids] = frame["differs"].to_numpy(dtype=bool)
+    return _PerImage(evaluated, b_ok & evaluated, c_ok & evaluated, disagree & evaluated, None, None), n
 
 
-_OBJECT_CHANGES_SQL = """
-WITH vl_found AS (
-    SELECT image_id, gt_id // 64 AS word,
+# Both models' per-image FP and FN counts (as ``core.matching.image_counts_sql``: an image is an
+# error when it has either) and the ground truths one finds and the other misses, in one pass
+# over each match table. A ground truth's two outcomes pair up as one bit (``gt_id`` is unique
+# in a store) of a word of 64 per image: no join on every ground truth (ten million at a
+# million images).
+_DETECTION_CHANGES_SQL = """
+WITH vl_det AS (
+    SELECT image_id,
+           count(*) FILTER (WHERE model_id = ? AND ((tp_mask | ignored_mask) >> ?) & 1 = 0) AS b_fp,
+           count(*) FILTER (WHERE model_id = ? AND ((tp_mask | ignored_mask) >> ?) & 1 = 0) AS c_fp
+    FROM det_matches WHERE model_id IN (?, ?) AND score >= ? GROUP BY image_id),
+vl_gt AS (
+    SELECT image_id, gt_id // 64 AS word, model_id, 1::UBIGINT << (gt_id % 64) AS bit,
            coalesce(match_det_ids[?] >= 0 AND match_scores[?] >= ?, false) AS found,
-           1::UBIGINT << (gt_id % 64) AS bit, model_id
+           coalesce(match_det_ids[?] < 0 OR match_scores[?] < ?, false) AS missed
     FROM gt_matches WHERE model_id IN (?, ?) AND (area_mask & 1) = 1),
 vl_words AS (
     SELECT image_id,
            bit_or(bit) FILTER (WHERE model_id = ?) & bit_or(bit) FILTER (WHERE model_id = ?) AS in_both,
            coalesce(bit_or(bit) FILTER (WHERE model_id = ? AND found), 0) AS b_found,
-           coalesce(bit_or(bit) FILTER (WHERE model_id = ? AND found), 0) AS c_found
-    FROM vl_found GROUP BY image_id, word)
-SELECT image_id,
-       sum(bit_count(in_both))::BIGINT AS gts,
-       sum(bit_count(in_both & b_found))::BIGINT AS b_tp,
-       sum(bit_count(in_both & c_found))::BIGINT AS c_tp,
-       sum(bit_count(in_both & b_found & ~c_found))::BIGINT AS missed,
-       sum(bit_count(in_both & c_found & ~b_found))::BIGINT AS newly_found
-FROM vl_words WHERE in_both IS NOT NULL GROUP BY image_id
+           coalesce(bit_or(bit) FILTER (WHERE model_id = ? AND found), 0) AS c_found,
+           count(*) FILTER (WHERE model_id = ? AND missed) AS b_fn,
+           count(*) FILTER (WHERE model_id = ? AND missed) AS c_fn
+    FROM vl_gt GROUP BY image_id, word),
+vl_gts AS (
+    SELECT image_id, sum(b_fn) AS b_fn, sum(c_fn) AS c_fn,
+           sum(bit_count(in_both)) AS gts,
+           sum(bit_count(in_both & b_found)) AS b_tp,
+           sum(bit_count(in_both & c_found)) AS c_tp,
+           sum(bit_count(in_both & b_found & ~c_found)) AS missed,
+           sum(bit_count(in_both & c_found & ~b_found)) AS newly_found
+    FROM vl_words GROUP BY image_id)
+SELECT i.image_id, coalesce(d.b_fp, 0)::BIGINT AS b_fp, coalesce(d.c_fp, 0)::BIGINT AS c_fp,
+       coalesce(g.b_fn, 0)::BIGINT AS b_fn, coalesce(g.c_fn, 0)::BIGINT AS c_fn,
+       coalesce(g.gts, 0)::BIGINT AS gts, coalesce(g.b_tp, 0)::BIGINT AS b_tp,
+       coalesce(g.c_tp, 0)::BIGINT AS c_tp, coalesce(g.missed, 0)::BIGINT AS missed,
+       coalesce(g.newly_found, 0)::BIGINT AS newly_found
+FROM images AS i LEFT JOIN vl_det AS d USING (image_id) LEFT JOIN vl_gts AS g USING (image_id)
 """
 
 
-def _object_changes(store: Store, baseline: str, candidate: str, thresholds: dict, ids: np.ndarray,
-                    fp: list[np.ndarray], n: int) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Per-GT found/missed for both models; images where they differ in that or in FP count.
+def _detection_per_image(store: Store, baseline: str, candidate: str, thresholds: dict, n: int) -> _PerImage:
+    from .matching import bit_index, score_value, threshold_index
 
-    ``fp``: both models' FP counts for the images ``ids``.
+    t = threshold_index(thresholds["iou"])
+    bit, score, at = bit_index(t, 0), score_value(thresholds["score_threshold"]), t + 1  # lists are 1-based
+    both = [baseline, candidate]
+    table = store.arrow(_DETECTION_CHANGES_SQL, [baseline, bit, candidate, bit, *both, score,
+                                                 at, at, score, at, at, score, *both, *both, *both, *both])
+    ids = table.column("image_id").to_numpy().astype(np.int64)
 
-    A ground truth's two outcomes pair up as one bit (``gt_id`` is unique in a store) in a word of
-    64 per image: one aggregate to about one row per image, where a join on every ground truth
-    (ten million at a million images) held them all in memory.
-    """
-    from .matching import threshold_index
+    def per_image(name: str) -> np.ndarray:
+        values = np.zeros(n, np.int64)
+        values[ids] = table.column(name).to_numpy()
+        return values
 
-    t = threshold_index(thresholds["iou"]) + 1  # DuckDB lists are 1-based
-    score = float(thresholds["score_threshold"])
-    per = store.query(_OBJECT_CHANGES_SQL, [t, t, score, baseline, candidate] + [baseline, candidate] * 2)
-    image = per["image_id"].to_numpy(dtype=np.int64)
-    missed = per["missed"].to_numpy(dtype=np.int64) > 0
-    changed = missed | (per["newly_found"].to_numpy(dtype=np.int64) > 0)
-    disagree = np.zeros(n, bool)
-    disagree[ids] = fp[0] != fp[1]
-    disagree[image[changed]] = True
-    newly_missed = np.zeros(n, bool)
-    newly_missed[image[missed]] = True
-    total = per[["gts", "b_tp", "c_tp", "missed", "newly_found"]].sum()
-    counts = {"ground_truths": int(total["gts"]), "baseline_tp": int(total["b_tp"]),
-              "candidate_tp": int(total["c_tp"]), "newly_missed": int(total["missed"]),
-              "newly_found": int(total["newly_found"]),
-              "baseline_fp": int(fp[0].sum()), "candidate_fp": int(fp[1].sum())}
-    return counts, disagree, newly_missed
+    b_fp, c_fp, b_fn, c_fn, missed, newly_found = (per_image(name) for name in (
+        "b_fp", "c_fp", "b_fn", "c_fn", "missed", "newly_found"))
+    evaluated = np.zeros(n, bool)
+    evaluated[ids] = True
+    disagree = (b_fp != c_fp) | (missed > 0) | (newly_found > 0)
+    total = {name: int(table.column(name).to_numpy().sum()) for name in ("gts", "b_tp", "c_tp")}
+    counts = {"ground_truths": total["gts"], "baseline_tp": total["b_tp"],
+              "candidate_tp": total["c_tp"], "newly_missed": int(missed.sum()),
+              "newly_found": int(newly_found.sum()), "baseline_fp": int(b_fp.sum()), "candidate_fp": int(c_fp.sum())}
+    return _PerImage(evaluated, (b_fp + b_fn == 0) & evaluated, (c_fp + c_fn == 0) & evaluated,
+                     disagree & evaluated, missed > 0, counts)
 
 
 def parse_named(name: str, query: str, catalog: Catalog) -> ParsedQuery:
