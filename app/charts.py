@@ -1,8 +1,8 @@
 """Shared Altair charts, drawn with the app's colours (no external fonts or data URLs).
 
-Give a chart's height to ``st.altair_chart(chart, height=...)``, not to
-``chart.properties(height=...)``: with Streamlit's theme (1.67) a height in the
-spec squeezes the plot to a few pixels.
+Give a chart's height to ``st.altair_chart(chart, height=...)`` (or
+``st.vega_lite_chart``), not to ``chart.properties(height=...)``: with Streamlit's
+theme (1.67) a fixed height in the spec squeezes the plot to a few pixels.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Sequence
 import altair as alt
 import numpy as np
 import pandas as pd
+import streamlit as st
 
 # Okabe-Ito, as core.heatmap draws boxes: distinguishable with colour-vision deficiencies.
 OUTCOME_COLORS = {"correct": "#009E73", "incorrect": "#D55E00", "missed": "#0072B2", "other": "#9aa3b5"}
@@ -57,6 +58,13 @@ def probability_bars(frame: pd.DataFrame, *, threshold: float | None = None) -> 
     rule = alt.Chart(pd.DataFrame({"threshold": [threshold]})).mark_rule(strokeDash=[4, 3]).encode(
         x="threshold:Q", tooltip=[alt.Tooltip("threshold:Q", format=".2f")])
     return bars + rule
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def probability_spec(frame: pd.DataFrame, threshold: float | None = None) -> dict:
+    """``probability_bars`` as a Vega-Lite spec for ``st.vega_lite_chart``, built once per frame:
+    building it through Altair costs more than the rest of the flyout's run."""
+    return probability_bars(frame, threshold=threshold).to_dict()
 
 
 def bars_height(n_bars: int) -> int:

@@ -294,9 +294,16 @@ def delta_chart(result: ComparisonResult, focus: str) -> None:
         return
     chart_frame = pd.DataFrame({"label": [label(result.task, m) for m in frame["metric"]],
                                 "delta": frame["delta"].astype(float), "better": frame["better"].eq(True)})
-    chart = metric_deltas(chart_frame).encode(x=alt.X("delta:Q", title=f"{result.candidate} − {result.baseline}",
-                                                      axis=alt.Axis(format="+.2f", tickCount=8)))
-    st.altair_chart(chart.properties(height=alt.Step(22)), width="stretch")
+    st.vega_lite_chart(_delta_spec(chart_frame, f"{result.candidate} − {result.baseline}"), width="stretch")
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _delta_spec(chart_frame: pd.DataFrame, title: str) -> dict:
+    # The Vega-Lite spec, built once per comparison and focus cohort: building it through Altair
+    # costs more than the rest of the page's rerun.
+    chart = metric_deltas(chart_frame).encode(x=alt.X("delta:Q", title=title, axis=alt.Axis(format="+.2f",
+                                                                                            tickCount=8)))
+    return chart.properties(height=alt.Step(22)).to_dict()
 
 
 def compatibility_table(result: ComparisonResult) -> pd.DataFrame:
@@ -434,8 +441,14 @@ def slice_cohort(view: View, found: Slice) -> Cohort:
 def slice_chart(slices: Sequence[Slice], overall: float) -> None:
     frame = pd.DataFrame({"description": [f"{k}. {s.description}" for k, s in enumerate(slices, start=1)],
                           "error_rate": [s.error_rate for s in slices], "size": [s.size for s in slices]})
-    chart = slice_error_rates(frame, overall).properties(height=alt.Step(26)).configure_axisX(format="%", tickCount=5)
-    st.altair_chart(chart, width="stretch")
+    st.vega_lite_chart(_slice_spec(frame, overall), width="stretch")
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _slice_spec(frame: pd.DataFrame, overall: float) -> dict:
+    # Built once per set of slices, as ``_delta_spec``.
+    return slice_error_rates(frame, overall).properties(height=alt.Step(26)).configure_axisX(
+        format="%", tickCount=5).to_dict()
 
 
 def _save_slice(view: View, cohort: Cohort, name_key: str, found: Slice) -> None:

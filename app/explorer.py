@@ -15,7 +15,7 @@ import streamlit as st
 
 from core.cohorts import Cohort, Filter, selection_cohort
 
-from . import image_card, nav, urlsync
+from . import flyout, image_card, nav, urlsync
 from .state import View
 
 PARAM = "explorer."  # this page's URL parameters: explorer.per, explorer.rows, explorer.sort, …
@@ -52,8 +52,9 @@ def grid_view(view: View) -> None:
 
 @st.fragment
 def _grid_pages(view: View, sections: list[tuple[str, Cohort, int]]) -> None:
-    # A fragment: paging, the page size and the thumbnail size redraw only the grids, not the
-    # sidebar, the cohort bar and the section counts (the cohort and thresholds are unchanged).
+    # A fragment: paging, the page size, the thumbnail size and opening an image's flyout redraw
+    # only the grids, not the sidebar, the cohort bar and the section counts (the cohort and
+    # thresholds are unchanged).
     counts = [count for _, _, count in sections]
     controls = st.columns([1.2, 5], vertical_alignment="bottom")
     on_change = nav.bind_choice(view, "vl_grid_per_page", PARAM + "per", GRID_PAGE_SIZES, GRID_PAGE_SIZES[1])
@@ -74,7 +75,8 @@ def _grid_pages(view: View, sections: list[tuple[str, Cohort, int]]) -> None:
             cards, key=f"vl_grid_{title}", size=size, on_click=open_image,
             empty="No images here." if count else f"No {title.lower()} images in this cohort.")
         if clicked is not None:
-            st.rerun()  # the whole page, so the flyout opens
+            # From this fragment's rerun: the page is not rerun and redrawn for the drawer.
+            flyout.open_flyout(view, clicked)
 
 
 # --------------------------------------------------------------------------- table
@@ -100,7 +102,10 @@ def table_columns(view: View) -> list[str]:
     return [c for c in first if c in available] + rest
 
 
+@st.fragment
 def table_view(view: View) -> None:
+    # A fragment: sorting, paging and selecting rows redraw only the table (the cohort and
+    # thresholds are unchanged); saving a cohort reruns the page.
     columns = table_columns(view)
     labels = {c: view.catalog.columns[c].label if c in view.catalog.columns else c for c in columns}
     controls = st.columns([2, 1.3, 1, 4], vertical_alignment="bottom")
@@ -126,8 +131,10 @@ def table_view(view: View) -> None:
     config["image_id"] = st.column_config.NumberColumn("Image id", format="%d")
     st.caption(f"Rows {(page - 1) * per_page + 1:,}–{min(page * per_page, total):,} of {total:,}. "
                "Select rows to save them as a cohort or open one.")
-    # A new set of rows (cohort, page, order) starts with nothing selected.
-    rows_key = hashlib.md5(repr(sorted(view.url_params().items())).encode()).hexdigest()
+    # A new set of rows (cohort, model, thresholds, order, page) starts with nothing selected. Not from
+    # ``view.url_params()``: in this fragment's rerun those are the last full run's.
+    rows = (sorted(view.link_params().items()), order, per_page, page)
+    rows_key = hashlib.md5(repr(rows).encode()).hexdigest()
     event = st.dataframe(shown, key=f"vl_table_{rows_key}", hide_index=True, on_select="rerun", selection_mode="multi-row",
                          column_config=config, row_height=48, height=min(640, 39 + 48 * len(shown)))
     picked = [int(frame["image_id"].iloc[i]) for i in event.selection.rows]
@@ -140,7 +147,7 @@ def _selection_actions(view: View, picked: list[int]) -> None:
         st.markdown(f"**{len(picked)}** selected")
         if len(picked) == 1 and st.button("Open image", icon=":material/open_in_full:", key="vl_table_open"):
             open_image(picked[0])
-            st.rerun()
+            flyout.open_flyout(view, picked[0])
         name = st.text_input("Cohort name", key="vl_table_name", placeholder="Name for these images")
         if st.button("Save as cohort", icon=":material/save:", key="vl_table_save", type="primary",
                      disabled=not name.strip()):

@@ -2,7 +2,9 @@
 
 Opened by the URL (``image=<id>``), so a copied URL opens the same image;
 closing it removes the parameter. It is a right-hand drawer (``st.dialog``);
-its own widgets rerun only the drawer.
+its own widgets rerun only the drawer. A click in a fragment (the explorer's
+grid) opens it from the fragment's own rerun, the URL already set, so the page
+is not rerun.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from core.explain import available_explanations, load_explanation
 from core.metrics.detection import image_objects
 
 from . import urlsync
-from .charts import bars_height, probability_bars, probability_frame
+from .charts import bars_height, probability_frame, probability_spec
 from .state import View, claim_dialog
 from .whatif import render_whatif
 
@@ -39,9 +41,18 @@ DISPLAY_SIDE = 640
 
 def show(view: View) -> None:
     """Open the flyout when the URL names an image. Call it last on a page."""
-    if view.settings.image is None or not claim_dialog():
+    if view.settings.image is not None:
+        open_flyout(view, int(view.settings.image))
+
+
+def open_flyout(view: View, image_id: int) -> None:
+    """Open the flyout on ``image_id`` in this run, unless a dialog is open in it already.
+
+    Called from a fragment's rerun, it opens without rerunning the page (the dialog lives
+    outside the fragment). The URL must already name the image (``image=<id>``): a full
+    rerun reopens it from there, and closing removes it."""
+    if not claim_dialog():
         return
-    image_id = int(view.settings.image)
     record = view.query('SELECT * FROM "images" WHERE image_id = ?', [image_id])
     title = f"Image {image_id} · {Path(str(record['uri'].iloc[0])).name}" if len(record) else f"Image {image_id}"
     st.dialog(title, width="large", position="right", on_dismiss=_close)(_flyout)(view, image_id, record)
@@ -154,8 +165,7 @@ def _prediction(view: View, image_id: int) -> pd.DataFrame | None:
         threshold = view.label_threshold
     if probs_value is not None:
         frame = probability_frame(probs_value, view.classes, truth=truth, predicted=predicted)
-        st.altair_chart(probability_bars(frame, threshold=threshold), width="stretch",
-                        height=bars_height(len(frame)))
+        st.vega_lite_chart(probability_spec(frame, threshold), width="stretch", height=bars_height(len(frame)))
     return None
 
 

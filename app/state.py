@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import pandas as pd
 import streamlit as st
+from streamlit.runtime.scriptrunner import get_script_run_ctx
 
 from core.cohorts import (Catalog, Cohort, ParsedQuery, ViewState, catalog_of, cohort_count, cohort_outcome_counts,
                           cohort_rows, compile_cohort, describe, expand, parse_query_lenient, read_store_param,
@@ -47,8 +48,6 @@ _PAGE_PARAM = re.compile(r"(?!g[0-9]+\.)(?!.*__)[a-z][a-z0-9_-]*\.[A-Za-z0-9_.-]
 
 _VIEW_KEY = "_vl_view"
 _SHELL_KEY = "_vl_shell_running"
-_RUN_KEY = "_vl_run"
-_DIALOG_KEY = "_vl_dialog_run"
 
 
 # --------------------------------------------------------------------------- stores
@@ -295,7 +294,6 @@ def load_view() -> Loaded:
     explicit), so a copied URL opens exactly this view even after a new model
     or store is added.
     """
-    st.session_state[_RUN_KEY] = st.session_state.get(_RUN_KEY, 0) + 1
     st.session_state[_SHELL_KEY] = True
     names = tuple(available_stores())
     st.session_state[_VIEW_KEY] = None
@@ -358,9 +356,9 @@ def current_view() -> View | None:
 
 
 def claim_dialog() -> bool:
-    """True for the first caller in a run: Streamlit allows one dialog per run."""
-    run = st.session_state.get(_RUN_KEY, 0)
-    if st.session_state.get(_DIALOG_KEY) == run:
-        return False
-    st.session_state[_DIALOG_KEY] = run
-    return True
+    """Whether a dialog may open now: Streamlit allows one per run. Open it straight after.
+
+    A fragment's own rerun is a run of its own (the page's dialog is not reopened in it), so
+    this asks Streamlit's run context rather than counting full reruns (checked with 1.67)."""
+    ctx = get_script_run_ctx()
+    return ctx is None or not ctx.has_dialog_opened

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from core.explain import available_explanations
@@ -52,3 +54,24 @@ def test_an_explanation_is_computed_stored_and_shown(folder, app):
     stored = available_explanations(store, "baseline", 4)
     assert list(stored["method"]) == ["ig"]
     assert at.selectbox(key="vl_fly_expl_4").value == 0  # the stored map, shown over the image
+
+
+def probability_chart(at) -> dict[str, float]:
+    for chart in at.get("vega_lite_chart"):
+        for dataset in chart.proto.datasets:
+            frame = pa.ipc.open_stream(dataset.data.data).read_all().to_pandas()
+            if "probability" in frame.columns:
+                return dict(zip(frame["class"], frame["probability"]))
+    raise AssertionError("no probability chart")
+
+
+def test_the_probability_chart_follows_the_shown_image(folder, app):
+    store = Store(folder / "demo-multiclass")
+    at = app("store=demo-multiclass&image=3", page="pages/explorer.py")
+    for image_id in (3, 5):
+        at.query_params["image"] = str(image_id)
+        at.run()
+        probs = np.asarray(store.query('SELECT probs FROM "predictions" WHERE model_id = ? AND image_id = ?',
+                                       ["baseline", image_id])["probs"].iloc[0])
+        top = np.argsort(-probs, kind="stable")[:10]
+        assert probability_chart(at) == pytest.approx({store.classes[k]: float(probs[k]) for k in top}, abs=1e-6)

@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
@@ -96,6 +97,16 @@ def table_with(at: AppTest, column) -> pd.DataFrame:
     raise AssertionError(f"no table with column {column!r}: {[list(f.value.columns) for f in at.dataframe]}")
 
 
+def chart_data(at: AppTest, column: str) -> pd.DataFrame:
+    """The data set with ``column`` of the page's Vega-Lite charts."""
+    for chart in at.get("vega_lite_chart"):
+        for dataset in chart.proto.datasets:
+            frame = pa.ipc.open_stream(dataset.data.data).read_all().to_pandas()
+            if column in frame.columns:
+                return frame
+    raise AssertionError(f"no chart data with column {column!r}")
+
+
 def params(at: AppTest) -> dict[str, str]:
     return {k: at.query_params[k][0] if isinstance(at.query_params[k], list) else at.query_params[k]
             for k in at.query_params}
@@ -162,6 +173,21 @@ def test_changed_images_open_the_explorer_on_exactly_those_images(app, stores):
         assert not any(key.startswith("compare.") for key in shown)
         ids = parse_query(shown, catalog_of(open_store(stores, "multilabel"))).cohort.filters[0].value
         assert sorted(ids) == image_set.image_ids.tolist()
+
+
+def test_delta_chart_follows_the_focus_cohort(app, stores):
+    expected = engine_comparison(stores, "multiclass", [("Current cohort", "site__eq=south&model=baseline"),
+                                                        ("North", "cohort=1&model=baseline")])
+    at = app("store=demo-multiclass&site__eq=south", COMPARE)
+    shown = []
+    for focus in ("Current cohort", "North"):
+        at.selectbox(key="vl_cmp_focus_demo-multiclass").set_value(focus).run()
+        deltas = next(c for c in expected.cohorts if c.name == focus).delta
+        chart = chart_data(at, "delta")
+        assert dict(zip(chart["label"], chart["delta"])) == pytest.approx(
+            {compare_views.label("multiclass", m): d for m, d in deltas.items() if pd.notna(d)}, abs=1e-12)
+        shown.append(chart["delta"].tolist())
+    assert shown[0] != shown[1]  # the two cohorts differ, so a stale chart would show
 
 
 def test_detection_objects_and_newly_missed_images(app, stores):
@@ -266,6 +292,8 @@ def test_slices_equal_the_engine_and_link_to_the_explorer(app, stores, task):
         for key, value in parse_qsl(suffix.lstrip("&")):
             assert target[key] == value
         assert parse_query(target, catalog).cohort == parse_query(found.query, catalog).cohort
+    chart = chart_data(at, "error_rate")
+    assert chart["error_rate"].tolist() == pytest.approx([found.error_rate for found in expected], abs=1e-12)
 
 
 def test_slice_options_live_in_the_url(app, stores):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
 from .helpers import bar_text, query, settle, shot, visit
 
@@ -76,16 +77,36 @@ def test_bad_url_shows_the_error_and_all_images(page, server):
     shot(page, "bad-url")
 
 
+def finished_runs(page) -> list[str]:
+    """How each script run of the page's sessions ends, in order ("full" or "fragment"), read
+    from Streamlit's own messages; call before the page opens its session."""
+    finished: list[str] = []
+    kinds = {ForwardMsg.FINISHED_SUCCESSFULLY: "full", ForwardMsg.FINISHED_FRAGMENT_RUN_SUCCESSFULLY: "fragment"}
+
+    def on_frame(payload) -> None:
+        if isinstance(payload, bytes):
+            message = ForwardMsg.FromString(payload)
+            if message.WhichOneof("type") == "script_finished":
+                finished.append(kinds.get(message.script_finished, "other"))
+
+    page.on("websocket", lambda socket: socket.on("framereceived", on_frame))
+    return finished
+
+
 def test_flyout_opens_from_the_grid_and_from_the_url(page, new_page, server):
+    runs = finished_runs(page)
     visit(page, server, "/explorer?store=demo-detection")
     card = page.locator("button.vl-card").first
     card.wait_for()
     image_id = card.get_attribute("data-image-id")
+    before = len(runs)
     card.click()
     settle(page)
     dialog = page.get_by_role("dialog")
     dialog.get_by_text(f"Image {image_id} ·").first.wait_for()
     assert query(page)["image"] == image_id
+    # The grid's fragment opens the drawer itself: the page (sidebar, cohort bar, counts) does not rerun.
+    assert "full" in runs[:before] and runs[before:] and set(runs[before:]) == {"fragment"}, runs
     dialog.get_by_text("Metadata").wait_for()
     dialog.locator('[data-testid="stImage"] img').wait_for()
     dialog.locator('[data-testid="stDataFrame"]').last.wait_for()
@@ -99,16 +120,32 @@ def test_flyout_opens_from_the_grid_and_from_the_url(page, new_page, server):
     assert "image" not in query(page)
 
 
-def test_table_rows_saved_as_a_cohort(page, server):
+def test_table_rows_opened_and_saved_as_a_cohort(page, server):
+    runs = finished_runs(page)
     visit(page, server, "/explorer?store=demo-multilabel&view=table")
     grid = page.locator('[data-testid="stDataFrame"]').first
     grid.wait_for()
     box = grid.bounding_box()
     header, row_height = 36, 48
-    for row in (0, 2):
+    before = len(runs)
+
+    def click_row(row: int) -> None:
         page.mouse.click(box["x"] + 14, box["y"] + header + row_height * row + row_height / 2)
         settle(page)
+
+    click_row(0)
+    page.get_by_text("1 selected").wait_for()
+    page.get_by_role("button", name="Open image").click()
+    settle(page)
+    page.get_by_role("dialog").get_by_text("Image 0 ·").first.wait_for()
+    assert query(page)["image"] == "0"
+    page.keyboard.press("Escape")
+    settle(page)
+    assert "image" not in query(page)
+    click_row(2)
     page.get_by_text("2 selected").wait_for()
+    # The table is a fragment: selecting, opening and closing do not rerun the page.
+    assert runs[before:] and set(runs[before:]) == {"fragment"}, runs
     page.get_by_label("Cohort name").fill("two picked")
     page.get_by_label("Cohort name").press("Enter")
     settle(page)
