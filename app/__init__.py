@@ -62,12 +62,16 @@ Others
     draws a page of thumbnails as one element; ``cards(view, frame)`` builds
     cards with outcome chips from ``view.rows(columns=card_columns(view))``.
     ``app.explorer``: the explorer's views, ``open_image(id)``,
-    ``outcome_sections(view)``. ``app.flyout.show(view)``: the image drawer.
+    ``outcome_sections(view)``. ``app.flyout.show(view)``: the image drawer;
+    ``app.flyout.open_flyout(view, image_id)`` opens it from a fragment's rerun
+    (the URL already naming the image) without rerunning the page.
     ``app.cohort_bar``: ``render(view)``, ``open_builder(view, cohort,
     title=, target=)``, ``confirm_delete(view, saved)``, ``cohort_table(view,
     cohorts, key=, opens=)``, ``cohort_sizes(view, cohorts)``.
     ``app.charts``: ``probability_frame``, ``probability_bars``,
-    ``bars_height``, ``OUTCOME_COLORS`` (give heights to ``st.altair_chart``,
+    ``probability_spec`` (its Vega-Lite spec, cached: building charts through
+    Altair costs more than most reruns; draw specs with ``st.vega_lite_chart``),
+    ``bars_height``, ``OUTCOME_COLORS`` (give heights to the ``st`` call,
     not to the chart spec).
 """
 

@@ -21,6 +21,7 @@ from PIL import Image
 from core import heatmap
 from core.cohorts import Cohort, Filter
 from core.explain import available_explanations, load_explanation
+from core.exif import read_exif, upright
 from core.metrics.detection import image_objects
 
 from . import urlsync
@@ -80,18 +81,20 @@ def _flyout(view: View, image_id: int, record: pd.DataFrame) -> None:
 # --------------------------------------------------------------------------- the picture
 
 
-def _load(view: View, image_id: int, uri: str) -> Image.Image:
+def _load(view: View, image_id: int, uri: str) -> tuple[Image.Image, object]:
+    """The image in its stored frame (where boxes and maps are drawn) and its EXIF orientation;
+    or its thumbnail, already upright (orientation None)."""
     try:
         with Image.open(uri) as image:
-            return image.convert("RGB")
+            return image.convert("RGB"), read_exif(image).get("exif_orientation")
     except OSError:
         st.warning(f"The image file `{uri}` cannot be read; showing its thumbnail.", icon=":material/broken_image:")
         jpeg = view.thumbnails([image_id]).get(image_id)
-        return Image.open(io.BytesIO(jpeg)).convert("RGB")
+        return Image.open(io.BytesIO(jpeg)).convert("RGB"), None
 
 
 def _picture(view: View, image_id: int, uri: str, objects: pd.DataFrame | None) -> None:
-    image = _load(view, image_id, uri)
+    image, orientation = _load(view, image_id, uri)
     explained = _explanation_choice(view, image_id)
     if explained is not None:
         method, target, data, signed = explained
@@ -105,7 +108,8 @@ def _picture(view: View, image_id: int, uri: str, objects: pd.DataFrame | None) 
         boxes = _boxes_to_draw(view, objects, set(shown or ()))
         boxes[["xmin", "ymin", "xmax", "ymax"]] *= factor
         image = heatmap.draw_boxes(image, boxes)
-    st.image(image, width="stretch")
+    # Drawn in the stored frame, shown as the thumbnails and photo viewers show it.
+    st.image(upright(image, orientation), width="stretch")
     if explained is None:
         _compute_explanation(view, image_id)
 

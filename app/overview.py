@@ -484,6 +484,13 @@ def _group_metric_label(name: str) -> str:
 # --------------------------------------------------------------------------- visualisations
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _chart_spec(kind: str, frame: pd.DataFrame, **options) -> dict:
+    """The Vega-Lite spec of chart ``kind`` of ``frame``, built once per frame: building a chart
+    through Altair was over a third of the page's rerun."""
+    return _CHARTS[kind](frame, **options).to_dict()
+
+
 def metrics_chart(frame: pd.DataFrame) -> alt.Chart:
     """Grouped horizontal bars: one group per metric, one bar per cohort (``metric``, ``cohort``, ``value``)."""
     cohorts = list(dict.fromkeys(frame["cohort"]))
@@ -561,6 +568,9 @@ def _default_classes(view: View) -> list[str]:
     return names if len(names) <= MAX_DEFAULT_CLASSES else names[:MAX_DEFAULT_CLASSES]
 
 
+_CHARTS = {"metrics": metrics_chart, "confusion": confusion_chart, "tide": tide_chart}
+
+
 def visualisations(view: View, cohorts: Sequence[NamedCohort]) -> None:
     """Metrics bar chart, confusion matrix and, for detection, PR curves and TIDE errors.
 
@@ -594,7 +604,7 @@ def _metrics_chart_tab(view: View, names: list[str], by_name: dict[str, NamedCoh
         st.info("Choose metrics (Dataset cohorts view) and at least one cohort holding images.")
     else:
         st.caption("Metrics: " + ", ".join(s.label for s in chosen) + " (chosen on the Dataset cohorts view).")
-        st.altair_chart(metrics_chart(frame), width="stretch")
+        st.vega_lite_chart(_chart_spec("metrics", frame), width="stretch")
 
 
 def _confusion_tab(view: View, names: list[str], by_name: dict[str, NamedCohort], current: str) -> None:
@@ -620,7 +630,7 @@ def _confusion_tab(view: View, names: list[str], by_name: dict[str, NamedCohort]
                    "false positives on nothing, the background column objects no box found.")
     elif view.task == "multilabel":
         st.caption(f"Per label, at label threshold {view.label_threshold:.2f}.")
-    st.altair_chart(confusion_chart(matrix, normalized=normalize is not None), width="content")
+    st.vega_lite_chart(_chart_spec("confusion", matrix, normalized=normalize is not None), width="content")
 
 
 def _pr_curves_tab(view: View, names: list[str], by_name: dict[str, NamedCohort], current: str) -> None:
@@ -642,7 +652,7 @@ def _tide_tab(view: View, names: list[str], by_name: dict[str, NamedCohort], cur
     st.caption(f"TIDE error types at IoU {view.iou:.2f}: each false positive and missed object gets one type; "
                f"dAP is the AP gained if that type were fixed (base AP {tide['ap']:.4f}, ranking the detections scored ≥ "
                f"{view.score_threshold:.2f}).")
-    st.altair_chart(tide_chart(tide["errors"]), width="stretch")
+    st.vega_lite_chart(_chart_spec("tide", tide["errors"]), width="stretch")
     legend = " · ".join(f"**{k}**: {v}" for k, v in TIDE_HELP.items())
     st.caption(legend)
     special = tide["special"]

@@ -30,7 +30,7 @@ from core.robustness import describe_outcome
 from core.store import Store
 
 from . import urlsync
-from .charts import bars_height, probability_bars, probability_frame
+from .charts import bars_height, probability_frame, probability_spec
 from .state import View
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ def _side(view: View, title: str, image: np.ndarray, outcome, truth: list[int], 
     if outcome.probs is not None:
         threshold = view.label_threshold if view.task == "multilabel" else None
         frame = probability_frame(outcome.probs, view.classes, truth=truth, predicted=outcome.labels, top=5)
-        st.altair_chart(probability_bars(frame, threshold=threshold), width="stretch", height=bars_height(len(frame)))
+        st.vega_lite_chart(probability_spec(frame, threshold), width="stretch", height=bars_height(len(frame)))
 
 
 def _save(view: View, result: WhatIf) -> None:

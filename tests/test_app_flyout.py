@@ -75,3 +75,32 @@ def test_the_probability_chart_follows_the_shown_image(folder, app):
                                        ["baseline", image_id])["probs"].iloc[0])
         top = np.argsort(-probs, kind="stable")[:10]
         assert probability_chart(at) == pytest.approx({store.classes[k]: float(probs[k]) for k in top}, abs=1e-6)
+
+
+def test_the_picture_is_shown_upright_with_its_boxes(folder, app, monkeypatch):
+    """Boxes are drawn in the stored frame, then the picture turns by its EXIF orientation, as
+    the thumbnails and photo viewers show it."""
+    import streamlit as st
+    from PIL import Image
+
+    store = Store(folder / "demo-detection")
+    uri = Path(store.query('SELECT uri FROM "images" WHERE image_id = 0')["uri"].iloc[0])
+    original = uri.read_bytes()
+    shown = []
+    draw = st.image
+    monkeypatch.setattr(st, "image", lambda image, *a, **k: shown.append(image) or draw(image, *a, **k))
+    try:
+        for orientation in (1, 6):
+            with Image.open(uri) as image:
+                stored_size = image.size
+                exif = Image.Exif()
+                exif[0x0112] = orientation
+                image.convert("RGB").save(uri, format=image.format or "PNG", exif=exif)
+            shown.clear()
+            at = app("store=demo-detection&image=0", page="pages/explorer.py")
+            assert not at.exception
+            picture = next(i for i in shown if isinstance(i, Image.Image))
+            upright_size = stored_size if orientation == 1 else stored_size[::-1]  # 6: a quarter turn
+            assert picture.size[0] * upright_size[1] == picture.size[1] * upright_size[0]  # same shape, scaled
+    finally:
+        uri.write_bytes(original)

@@ -12,7 +12,8 @@ from PIL import Image, TiffImagePlugin
 from scipy.signal import convolve2d
 
 from core.errors import IngestError
-from core.metadata import BATCH_SIZE, STATS_MAX_SIDE, THUMBNAIL_SIDE, compute_metadata, image_statistics, upright
+from core.exif import upright
+from core.metadata import BATCH_SIZE, STATS_MAX_SIDE, THUMBNAIL_SIDE, compute_metadata, image_statistics
 
 LUMA = np.array([0.299, 0.587, 0.114])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+import numpy as np
 import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -245,3 +246,28 @@ def test_a_tab_keeps_its_choices_while_another_is_open(app):
     at.run()
     assert not at.exception
     assert next(w for w in at.multiselect if w.label == "Classes").value == chosen
+
+
+def test_the_confusion_chart_shows_the_engine_matrix_for_each_normalisation(app, stores):
+    import pyarrow as pa
+
+    from core.metrics.classification import confusion_matrix
+
+    store = open_store(stores, "multiclass")
+    at = app("store=demo-multiclass", OVERVIEW)
+    at.session_state["vl_viz_tab"] = "Confusion matrix"
+    at.run()
+    classes = next(w for w in at.multiselect if w.label == "Classes").value
+    for normalize in (None, "true"):
+        next(w for w in at.selectbox if w.label == "Normalisation").set_value(normalize).run()
+        assert not at.exception
+        shown = None
+        for chart in at.get("vega_lite_chart"):
+            for dataset in chart.proto.datasets:
+                frame = pa.ipc.open_stream(dataset.data.data).read_all().to_pandas()
+                if {"truth", "predicted", "value"} <= set(frame.columns):
+                    shown = frame.pivot(index="truth", columns="predicted", values="value")
+        expected = confusion_matrix(store, "baseline", None, normalize=normalize, classes=classes)
+        assert shown is not None
+        np.testing.assert_allclose(shown.loc[expected.index, expected.columns].to_numpy(dtype=float),
+                                   expected.to_numpy(dtype=float), atol=1e-12)
