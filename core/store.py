@@ -50,7 +50,7 @@ STATE_SUFFIX = ".state.sqlite"
 LOCK_SUFFIX = ".lock"
 PART_SUFFIX = ".parquet"
 # Parts of one table up to this size are held in memory after each refresh.
-PARTS_IN_MEMORY_BYTES = 256 * 1024 * 1024
+PARTS_IN_MEMORY_BYTES = 64 * 1024 * 1024  # of Parquet, over every table (a few times that in memory)
 # DuckDB keeps the blocks a reader has scanned cached up to its memory limit (80% of RAM by
 # default): over a gigabyte after a few pages of a 3 GB store. Readers get a smaller limit and
 # spill joins, aggregates and sorts past it to a temporary folder of their own.
@@ -344,13 +344,13 @@ class Store:
                 for table, fname in disk[3]:
                     if fname.split("--", 1)[0] == generation:
                         part_files.setdefault(table, []).append(str(self.paths.parts / table / fname))
-                con.execute("CREATE SCHEMA parts")
+                parts_sql = self._load_parts(con, part_files)
                 for table in sorted(base_tables | set(part_files)):
                     selects = []
                     if table in base_tables:
                         selects.append(f"SELECT * FROM base.{_quote(table)}")
                     if table in part_files:
-                        selects.append(self._load_parts(con, table, part_files[table]))
+                        selects.append(parts_sql[table])
                     body = " UNION ALL BY NAME ".join(selects)
                     con.execute(f"CREATE VIEW main.{_quote(table)} AS {body}")
             except duckdb.Error as exc:
@@ -376,19 +376,32 @@ class Store:
         con.execute(f"SET temp_directory = '{_sql_string(str(spill))}'")
 
     @staticmethod
-    def _load_parts(con: duckdb.DuckDBPyConnection, table: str, files: list[str]) -> str:
-        """SQL that reads a table's parts.
+    def _load_parts(con: duckdb.DuckDBPyConnection, part_files: dict[str, list[str]]) -> dict[str, str]:
+        """SQL that reads each table's parts.
 
         Parts are loaded into memory once per change of the listing: scanning
         many small Parquet files on every query costs far more than this one
-        read. Very large part sets stay on disk and are scanned instead.
+        read. The smallest part sets go first, up to ``PARTS_IN_MEMORY_BYTES`` of
+        Parquet in all; the rest, and any that would not fit under the memory
+        limit, stay on disk and are scanned instead.
         """
-        listing = ", ".join(f"'{_sql_string(f)}'" for f in files)
-        scan = f"read_parquet([{listing}], union_by_name = true)"
-        if sum(os.path.getsize(f) for f in files) > PARTS_IN_MEMORY_BYTES:
-            return f"SELECT * FROM {scan}"
-        con.execute(f"CREATE TABLE parts.{_quote(table)} AS SELECT * FROM {scan}")
-        return f"SELECT * FROM parts.{_quote(table)}"
+        con.execute("CREATE SCHEMA parts")
+        sizes = {table: sum(os.path.getsize(f) for f in files) for table, files in part_files.items()}
+        budget, sql = PARTS_IN_MEMORY_BYTES, {}
+        for table in sorted(part_files, key=lambda t: (sizes[t], t)):
+            listing = ", ".join(f"'{_sql_string(f)}'" for f in part_files[table])
+            scan = f"SELECT * FROM read_parquet([{listing}], union_by_name = true)"
+            sql[table] = scan
+            if sizes[table] > budget:
+                continue
+            try:
+                con.execute(f"CREATE TABLE parts.{_quote(table)} AS {scan}")
+            except duckdb.OutOfMemoryException:
+                con.execute(f"DROP TABLE IF EXISTS parts.{_quote(table)}")
+                continue
+            budget -= sizes[table]
+            sql[table] = f"SELECT * FROM parts.{_quote(table)}"
+        return sql
 
     def close(self) -> None:
         with self._lock:

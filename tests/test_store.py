@@ -173,3 +173,28 @@ def test_readers_have_a_memory_limit_and_spill_folder_of_their_own(base, monkeyp
     monkeypatch.setenv(store_mod.READ_MEMORY_LIMIT_ENV, "plenty")
     with pytest.raises(StoreError, match="VISIONLENS_MEMORY_LIMIT='plenty' is not a memory size"):
         Store(base)
+
+
+def test_parts_that_do_not_fit_in_memory_are_scanned_from_disk(base, monkeypatch):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        write_part(base, "explanations", pd.DataFrame({
+            "model_id": "m", "image_id": np.arange(1000) + 1000 * i, "method": "ig", "target": 0, "height": 64,
+            "width": 64, "scale": 1.0, "offset": 0.0, "params": "{}",
+            "data": [rng.integers(0, 255, 8192, dtype=np.uint8).tobytes() for _ in range(1000)]}))
+    write_part(base, "images", images_frame([3]))
+    in_memory = "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'parts' ORDER BY table_name"
+    assert Store(base).rows(in_memory) == [("explanations",), ("images",)]
+    # Over the budget of Parquet held in memory: the biggest part set is scanned, the small one loaded.
+    monkeypatch.setattr(store_mod, "PARTS_IN_MEMORY_BYTES", 1 << 20)
+    store = Store(base)
+    assert store.rows(in_memory) == [("images",)]
+    assert store.image_count() == 4 and store.scalar("SELECT count(*) FROM explanations") == 2000
+    # Within the budget but over the reader's memory limit: scanned too, and the store opens.
+    monkeypatch.setattr(store_mod, "PARTS_IN_MEMORY_BYTES", 1 << 30)
+    monkeypatch.setenv(store_mod.READ_MEMORY_LIMIT_ENV, "8MB")
+    store = Store(base)
+    assert store.rows(in_memory) == [("images",)]
+    assert store.scalar("SELECT count(*) FROM explanations WHERE image_id >= 1000") == 1000
