@@ -81,20 +81,25 @@ def _flyout(view: View, image_id: int, record: pd.DataFrame) -> None:
 # --------------------------------------------------------------------------- the picture
 
 
-def _load(view: View, image_id: int, uri: str) -> tuple[Image.Image, object]:
+def _load(uri: str) -> tuple[Image.Image, object] | None:
     """The image in its stored frame (where boxes and maps are drawn) and its EXIF orientation;
-    or its thumbnail, already upright (orientation None)."""
+    None when the file cannot be read."""
     try:
         with Image.open(uri) as image:
             return image.convert("RGB"), read_exif(image).get("exif_orientation")
     except OSError:
-        st.warning(f"The image file `{uri}` cannot be read; showing its thumbnail.", icon=":material/broken_image:")
-        jpeg = view.thumbnails([image_id]).get(image_id)
-        return Image.open(io.BytesIO(jpeg)).convert("RGB"), None
+        return None
 
 
 def _picture(view: View, image_id: int, uri: str, objects: pd.DataFrame | None) -> None:
-    image, orientation = _load(view, image_id, uri)
+    loaded = _load(uri)
+    if loaded is None:
+        # The thumbnail is small and already upright: boxes and maps would not line up on it.
+        st.warning(f"The image file `{uri}` cannot be read; showing its thumbnail, without boxes or "
+                   "explanation.", icon=":material/broken_image:")
+        st.image(io.BytesIO(view.thumbnails([image_id]).get(image_id)), width="stretch")
+        return
+    image, orientation = loaded
     explained = _explanation_choice(view, image_id)
     if explained is not None:
         method, target, data, signed = explained

@@ -104,3 +104,17 @@ def test_the_picture_is_shown_upright_with_its_boxes(folder, app, monkeypatch):
             assert picture.size[0] * upright_size[1] == picture.size[1] * upright_size[0]  # same shape, scaled
     finally:
         uri.write_bytes(original)
+
+
+def test_an_unreadable_file_shows_its_thumbnail_without_boxes(folder, app):
+    store = Store(folder / "demo-detection")
+    uri = Path(store.query('SELECT uri FROM "images" WHERE image_id = 1')["uri"].iloc[0])
+    original = uri.read_bytes()
+    try:
+        uri.write_bytes(b"not an image")
+        at = app("store=demo-detection&image=1", page="pages/explorer.py")
+        assert not at.exception
+        assert any("cannot be read; showing its thumbnail" in w.value for w in at.warning)
+        assert not [p for p in at.get("button_group") if "Boxes" in str(p.proto.label)]
+    finally:
+        uri.write_bytes(original)
