@@ -107,8 +107,11 @@ def _actions(view: View, saved: dict[int, SavedCohort]) -> None:
                 st.rerun()
             if st.button("Delete", icon=":material/delete:", key="vl_bar_delete"):
                 confirm_delete(view, current)
-        with st.popover("All cohorts", icon=":material/list:", key="vl_bar_all"):
-            cohort_table(view, list(saved.values()), key="vl_bar_table")
+        # Drawn only while open: the cohort bar is on every page, and the table counts every cohort.
+        listing = st.popover("All cohorts", icon=":material/list:", key="vl_bar_all", on_change="rerun")
+        with listing:
+            if listing.open:
+                cohort_table(view, list(saved.values()), key="vl_bar_table")
 
 
 # --------------------------------------------------------------------------- all cohorts

@@ -192,7 +192,12 @@ def class_view(view: View) -> None:
         "Labels", list(ids), key="vl_class_labels", format_func=view.class_name,
         on_change=urlsync.write_on_change("vl_class_labels", PARAM + "labels",
                                           lambda v: None if sorted(v) == default_ids else _label_ids_text(v)))
-    chosen = [view.class_name(i) for i in chosen_ids]
+    _class_grids(view, [view.class_name(i) for i in chosen_ids], label_type, shown, per_label)
+
+
+@st.fragment
+def _class_grids(view: View, chosen: list[str], label_type: str, shown: str, per_label: int) -> None:
+    # A fragment, as the grid's: opening an image's flyout redraws only these grids.
     size = st.session_state.get("vl_thumb_size", 128)
     column = view.catalog.column(label_type)
     op = "contains" if column.is_list else "eq"
@@ -203,5 +208,7 @@ def class_view(view: View) -> None:
         frame = view.rows(cohort, columns=image_card.card_columns(view), order_by="image_id", limit=per_label)
         st.markdown(f"**{label}** · {len(frame)}/{count:,} examples"
                     + (f" ({SHOW[shown].lower()})" if shown != "all" else ""))
-        image_card.thumbnail_grid(image_card.cards(view, frame), key=f"vl_class_grid_{label}",
-                                  size=size, on_click=open_image, empty="No examples in this cohort.")
+        clicked = image_card.thumbnail_grid(image_card.cards(view, frame), key=f"vl_class_grid_{label}",
+                                            size=size, on_click=open_image, empty="No examples in this cohort.")
+        if clicked is not None:
+            flyout.open_flyout(view, clicked)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,40 @@ def freeze_imports() -> None:
     """Leave what is imported by now (it lives as long as the process) out of the garbage
     collector's full passes, which otherwise walk every one of its objects: once per process."""
     gc.freeze()
+
+
+# Streamlit's browser code fetches and compiles each element type's code on its first use in a
+# tab (React.lazy): the first chart or table after a page switch shows skeletons for 0.3-0.6 s
+# meanwhile. These are the types the pages use beyond the explorer's, with vega-embed (loaded
+# by the chart on its first draw).
+PRELOADED_CHUNKS = ("ArrowVegaLiteChart", "embed", "vega-interpreter", "DataFrame", "Metric", "ImageList",
+                    "ButtonGroup", "Multiselect", "Selectbox", "Slider", "Checkbox", "Radio", "Pagination")
+
+_PRELOAD_SCRIPT = """<script>
+(() => {
+  if (window.vlPreloaded) return;
+  window.vlPreloaded = true;
+  const entry = document.querySelector('script[src*="/static/js/index."]');
+  if (!entry) return;
+  const load = () => %s.forEach((name) => import(new URL(name, entry.src).href).catch(() => {}));
+  (window.requestIdleCallback || setTimeout)(load, {timeout: 5000});
+})();
+</script>"""
+
+
+@functools.cache
+def preloaded_files() -> tuple[str, ...]:
+    """This Streamlit's file names for ``PRELOADED_CHUNKS`` (``NAME.HASH.js``; none if it names them otherwise)."""
+    folder = Path(st.__file__).parent / "static" / "static" / "js"
+    return tuple(sorted(path.name for name in PRELOADED_CHUNKS for path in folder.glob(f"{name}.*.js")
+                        if len(path.name.split(".")) == 3))
+
+
+def preload_elements(container) -> None:
+    """Load the element code a later page needs while the browser is idle (once per tab)."""
+    files = preloaded_files()
+    if files:
+        container.html(_PRELOAD_SCRIPT % json.dumps(files), unsafe_allow_javascript=True)
 
 
 def app_icon() -> Image.Image:
@@ -163,8 +198,13 @@ def sidebar(loaded: Loaded) -> None:
     page_links(view, bar)
     if view.catalog.models:
         from . import compare_views  # imported here: compare_views uses nav.page_param
-        with bar.expander("PDF scorecard", icon=":material/picture_as_pdf:"):
-            compare_views.scorecard_panel(view, model_id=view.model_id, key="vl_sc_side")
+        # Drawn only while open: the sidebar is on every page.
+        scorecard = bar.expander("PDF scorecard", icon=":material/picture_as_pdf:", key="vl_sc_side_open",
+                                 on_change="rerun")
+        with scorecard:
+            if scorecard.open:
+                compare_views.scorecard_panel(view, model_id=view.model_id, key="vl_sc_side")
+    preload_elements(bar)
 
 
 def _thresholds(view: View, bar) -> None:

@@ -394,7 +394,12 @@ def _per_class_table(view: View, cohorts: Sequence[NamedCohort], results: dict[s
     kind = "detection" if view.task == "detection" else "classification"
     options = PER_CLASS[kind]
     noun = "label" if view.task == "multilabel" else "class"
-    with st.expander(f"Per {noun}", icon=":material/table_rows:"):
+    # Drawn only while open: a styled table of every class per cohort costs the browser on each visit.
+    expander = st.expander(f"Per {noun}", icon=":material/table_rows:", key="vl_overview_per_class_open",
+                           on_change="rerun")
+    with expander:
+        if not expander.open:
+            return
         metric = st.segmented_control(f"Per-{noun} metric", list(options), format_func=options.get,
                                       default=next(iter(options)), required=True, key="vl_overview_per_class")
         columns = {}

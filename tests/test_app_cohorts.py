@@ -99,6 +99,18 @@ def test_cohort_sizes_match_the_engine(folder):
         assert sizes[str(saved.id)] == expected
 
 
+def test_all_cohorts_list_is_drawn_only_when_opened(folder):
+    saved = state(folder).create_cohort("north", parse_query("site__eq=north", catalog(folder)).cohort)
+    at = open_app("", page="pages/explorer.py")
+    assert not at.dataframe  # closed: the bar on every page draws no table and counts nothing
+    at.session_state["vl_bar_all"] = True
+    at.run()
+    [table] = [f.value for f in at.dataframe if "Cohort" in f.value.columns]
+    expected = cohort_count(Store(folder / "demo-multiclass"), Cohort(parent_id=saved.id), "baseline",
+                            state=state(folder))
+    assert table[["Cohort", "Images"]].values.tolist() == [["north", expected]]
+
+
 def _sizes_script():
     import streamlit as st
 

@@ -265,3 +265,14 @@ def test_no_full_garbage_collection_after_every_run():
     assert frozen > 10_000
     nav.freeze_imports()  # once per process
     assert gc.get_freeze_count() == frozen
+
+
+def test_every_page_preloads_the_element_code_later_pages_need(app):
+    """Each preloaded name is a file of this Streamlit (a renamed one would silently load nothing),
+    and the sidebar asks the browser for them."""
+    files = nav.preloaded_files()
+    assert sorted(name.split(".")[0] for name in files) == sorted(nav.PRELOADED_CHUNKS)
+    at = app("store=demo-multiclass", "pages/explorer.py")
+    [html] = [e for e in at.sidebar if type(e).__name__ == "Html"]
+    assert all(f'"{name}"' in html.proto.body for name in files)
+    assert html.proto.unsafe_allow_javascript

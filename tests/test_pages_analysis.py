@@ -83,6 +83,17 @@ def test_multiclass_cohort_table_equals_the_metrics(app, stores):
         assert number(table.loc[name, "Images"]) == cohort_count(store, cohort, "baseline")
 
 
+def test_per_class_table_is_drawn_when_opened_and_equals_the_metrics(app, stores):
+    at = app("store=demo-multiclass", OVERVIEW)
+    assert not any("Class" in f.value.columns for f in at.dataframe)  # closed: not drawn
+    at.session_state["vl_overview_per_class_open"] = True
+    at.run()
+    table = table_with(at, "Class").set_index("Class")
+    expected = classification_metrics(open_store(stores, "multiclass"), "baseline", None)["per_class"]
+    shown = table["All images"].map(number)
+    assert shown.tolist() == pytest.approx(expected.set_index("class").loc[shown.index, "f1"].tolist(), abs=SHOWN)
+
+
 def test_help_me_choose_restores_the_recommended_metrics(app):
     at = app("store=demo-multiclass", OVERVIEW)
     at.multiselect(key="vl_overview_metrics_multiclass").set_value(["precision_weighted"]).run()

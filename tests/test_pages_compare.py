@@ -251,6 +251,15 @@ def test_scorecard_is_built_only_on_request_with_the_chosen_targets_and_cohorts(
     assert ["scorecard refused" in e.value for e in at.error] == [True] and not at.download_button
 
 
+def test_sidebar_scorecard_is_drawn_only_when_opened(app):
+    at = app("store=demo-multiclass", "pages/explorer.py")
+    assert "vl_sc_side_prepare" not in [b.key for b in at.button]  # closed: the sidebar on every page stays light
+    at.session_state["vl_sc_side_open"] = True
+    at.run()
+    assert "vl_sc_side_prepare" in [b.key for b in at.sidebar.button]
+    assert at.sidebar.multiselect(key="vl_sc_side_targets_multiclass").value == []
+
+
 def test_fewer_than_two_models_is_explained(app):
     at = app("store=single", COMPARE)
     assert any("needs two models" in i.value for i in at.info)

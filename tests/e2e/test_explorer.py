@@ -118,6 +118,17 @@ def test_flyout_opens_from_the_grid_and_from_the_url(page, new_page, server):
     page.keyboard.press("Escape")
     settle(page)
     assert "image" not in query(page)
+    # The class view's grids are a fragment too.
+    page.get_by_role("radio", name="Class view", exact=True).click()
+    settle(page)
+    card = page.locator("button.vl-card").first
+    image_id = card.get_attribute("data-image-id")
+    before = len(runs)
+    card.click()
+    settle(page)
+    page.get_by_role("dialog").get_by_text(f"Image {image_id} ·").first.wait_for()
+    assert query(page)["image"] == image_id and query(page)["view"] == "classes"
+    assert runs[before:] and set(runs[before:]) == {"fragment"}, runs
 
 
 def test_table_rows_opened_and_saved_as_a_cohort(page, server):
