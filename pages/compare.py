@@ -27,15 +27,22 @@ st.caption(f"Candidate **{candidate}** against baseline **{baseline}** at {compa
            "green changes favour the candidate.")
 compare_views.summary(result, focus)
 compare_views.changed_images(view, result, focus)
-st.subheader("Metrics per cohort")
-compare_views.show_metrics(result)
-st.subheader(f"Change per metric · {focus}")
-compare_views.delta_chart(result, focus)
-st.subheader("Backward compatibility per cohort")
-compare_views.show_compatibility(result)
-if result.objects is not None:
-    st.subheader("Objects · all images")
-    compare_views.show_objects(view, result)
-st.subheader("PDF scorecard")
-st.caption(f"A report on the candidate **{candidate}**, with this comparison against **{baseline}**.")
-compare_views.scorecard_panel(view, model_id=candidate, baseline=baseline, default_targets=result.overall.baseline)
+# Only the open tab runs: the page opens on the metrics, the rest is drawn when asked for.
+metrics_tab, compatibility_tab, scorecard_tab = st.tabs(
+    ["Metrics per cohort", "Backward compatibility", "PDF scorecard"], key="vl_cmp_tab", on_change="rerun")
+with metrics_tab:
+    if metrics_tab.open:
+        compare_views.show_metrics(result)
+        st.subheader(f"Change per metric · {focus}")
+        compare_views.delta_chart(result, focus)
+        if result.objects is not None:
+            st.subheader("Objects · all images")
+            compare_views.show_objects(view, result)
+with compatibility_tab:
+    if compatibility_tab.open:
+        compare_views.show_compatibility(result)
+with scorecard_tab:
+    if scorecard_tab.open:
+        st.caption(f"A report on the candidate **{candidate}**, with this comparison against **{baseline}**.")
+        compare_views.scorecard_panel(view, model_id=candidate, baseline=baseline,
+                                      default_targets=result.overall.baseline)

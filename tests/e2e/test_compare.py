@@ -51,6 +51,7 @@ def test_new_errors_open_in_the_explorer_and_the_scorecard_downloads(page, serve
     whole_page_shot(page, "compare-new-errors-in-explorer")
 
     visit(page, server, "/compare?store=demo-multiclass")
+    page.get_by_role("tab", name="PDF scorecard").click()
     page.get_by_role("button", name="Prepare scorecard").click()
     download_button = page.get_by_role("button", name="Download PDF scorecard")
     download_button.wait_for(timeout=SETTLE_MS)
