@@ -10,6 +10,7 @@ probabilities, nothing is re-run.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -121,6 +122,7 @@ PER_CLASS: dict[str, dict[str, str]] = {
 }
 NORMALIZATION_LABELS = {None: "Counts", "true": "By true class (recall)", "pred": "By prediction (precision)",
                         "all": "Share of all"}
+PARTIAL_TABLE_AFTER_S = 0.3  # metrics taking longer than this show the cohorts done so far
 
 
 def metric_specs(task: str) -> dict[str, MetricSpec]:
@@ -381,12 +383,16 @@ def dataset_cohorts_view(view: View, cohorts: Sequence[NamedCohort]) -> None:
     counts = {c.name: None for c in cohorts}
     results: dict[str, dict | None] = {c.name: None for c in cohorts}
     table = st.empty()
-    _show_table(table, _metric_table(view, cohorts, results, chosen, counts), chosen, heatmap)
+    started = time.monotonic()
     for entry in cohorts:
+        if time.monotonic() - started > PARTIAL_TABLE_AFTER_S:
+            # A slow first visit (a big store): the cohorts done so far, the rest N/A, meanwhile.
+            # Cached results come at once, and the browser draws the table once.
+            _show_table(table, _metric_table(view, cohorts, results, chosen, counts), chosen, heatmap)
         counts[entry.name] = view.count(entry.cohort)
         results[entry.name] = cohort_metrics(view, entry.cohort, average=average, classes=classes) \
             if counts[entry.name] else None
-        _show_table(table, _metric_table(view, cohorts, results, chosen, counts), chosen, heatmap)
+    _show_table(table, _metric_table(view, cohorts, results, chosen, counts), chosen, heatmap)
     _per_class_table(view, cohorts, results)
 
 

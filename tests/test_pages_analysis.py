@@ -94,6 +94,21 @@ def test_per_class_table_is_drawn_when_opened_and_equals_the_metrics(app, stores
     assert shown.tolist() == pytest.approx(expected.set_index("class").loc[shown.index, "f1"].tolist(), abs=SHOWN)
 
 
+def test_metrics_table_is_drawn_once_unless_the_metrics_are_slow(app, monkeypatch):
+    from app import overview
+
+    drawn = []
+    show = overview._show_table
+    monkeypatch.setattr(overview, "_show_table", lambda target, frame, *a: (drawn.append(frame),
+                                                                             show(target, frame, *a)))
+    app("store=demo-multiclass", OVERVIEW)
+    assert len(drawn) == 1 and drawn[0]["Images"].ne("N/A").all()
+    drawn.clear()
+    monkeypatch.setattr(overview, "PARTIAL_TABLE_AFTER_S", -1.0)  # every cohort counts as slow
+    app("store=demo-multiclass", OVERVIEW)
+    assert [frame["Images"].eq("N/A").sum() for frame in drawn] == [2, 1, 0]
+
+
 def test_help_me_choose_restores_the_recommended_metrics(app):
     at = app("store=demo-multiclass", OVERVIEW)
     at.multiselect(key="vl_overview_metrics_multiclass").set_value(["precision_weighted"]).run()
