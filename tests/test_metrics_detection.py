@@ -10,7 +10,8 @@ import pytest
 
 from core.errors import EvalError
 from core.matching import RECALL_THRESHOLDS, image_counts_params, match_detections
-from core.metrics.detection import (BACKGROUND, STAT_KEYS, confusion_matrix_detection,
+from core.metrics.detection import (BACKGROUND, STAT_KEYS, _in_key_order, _is_in, _regroup_by_class,
+                                    _score_order, confusion_matrix_detection,
                                     detection_metrics, eval_coco_main, evaluate_coco_files,
                                     image_objects, summary_lines, tide_errors)
 from core.store import Store, build_base
@@ -243,6 +244,24 @@ def test_tide_classifies_each_error_and_fixes_it(tmp_path):
     with pytest.raises(EvalError):
         tide_errors(store, "m", None, background_iou=0.6)
     store.close()
+
+
+def test_fast_orders_and_lookups_equal_lexsort_argsort_and_isin():
+    rng = np.random.default_rng(3)
+    n = 400
+    cls, score = np.sort(rng.integers(0, 4, n)), rng.choice([0.2, 0.5, 0.9], n)  # ties across classes
+    image, rank = rng.integers(0, 30, n), rng.integers(0, 100, n)
+    coco = np.lexsort((rank, image, -score, cls))
+    score, image, rank = score[coco], image[coco], rank[coco]
+    by_score = _score_order(score, image, rank)
+    assert np.array_equal(by_score, np.lexsort((rank, image, -score)))
+    relabelled = rng.integers(0, 4, n)
+    assert np.array_equal(_regroup_by_class(by_score, relabelled), np.lexsort((rank, image, -score, relabelled)))
+    for span in (n, 100 * n):  # dense keys are scattered, sparse ones argsorted
+        keys = rng.choice(span, n, replace=False)
+        ordered = _in_key_order({"order_key": keys, "value": np.arange(n)})
+        assert list(ordered) == ["value"] and np.array_equal(ordered["value"], np.argsort(keys))
+    assert np.array_equal(_is_in(image, rank), np.isin(image, rank)) and not _is_in(image, rank[:0]).any()
 
 
 # --------------------------------------------------------------------------- COCO files

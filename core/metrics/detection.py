@@ -26,7 +26,6 @@ import argparse
 import functools
 import json
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,16 +313,15 @@ def _class_index(class_ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray,
     return index, inside
 
 
-def _cohort_dets(store, model_id, selection, score, class_ids, columns: str,
+def _cohort_dets(store, model_id, selection, class_ids, columns: str,
                  class_range: tuple[int, int] | None = None) -> dict:
-    """The cohort's detections within maxDets and above the score, of the chosen classes
-    (read only from ``class_range``, inclusive, when given)."""
+    """The cohort's detections within maxDets, of the chosen classes (read only from
+    ``class_range``, inclusive, when given)."""
     where, params = _cohort_clause(selection)
     if class_range is not None:
         where, params = " AND class_id BETWEEN ? AND ?" + where, [*class_range, *params]
-    sql = (f"SELECT {columns} FROM det_matches WHERE model_id = ? AND rank < {_MAX_DET} "
-           f"AND score >= ?{where}")
-    rows = _fetch(store, sql, [model_id, score, *params])
+    sql = f"SELECT {columns} FROM det_matches WHERE model_id = ? AND rank < {_MAX_DET}{where}"
+    rows = _fetch(store, sql, [model_id, *params])
     _, inside = _class_index(class_ids, rows["class_id"])
     return rows if inside.all() else {k: v[inside] for k, v in rows.items()}
 
@@ -392,9 +390,13 @@ def evaluate_cohort(store, model_id: str, selection: tuple[str, list] | None, *,
     grid_tp = np.zeros((N_THRESHOLDS, n_classes, len(SCORE_GRID)), np.int64)
     grid_fp = grid_tp.copy()
     micro_parts = []
-    for lo, hi in _class_groups(_cohort_det_counts(store, model_id, selection, class_ids), CHUNK_DETECTIONS):
+    if _match_counts(store, model_id)[0] <= CHUNK_DETECTIONS:  # all fit: no need to count per class
+        groups = [(0, n_classes)]
+    else:
+        groups = _class_groups(_cohort_det_counts(store, model_id, selection, class_ids), CHUNK_DETECTIONS)
+    for lo, hi in groups:
         group = class_ids[lo:hi]
-        d = _in_key_order(_cohort_dets(store, model_id, selection, -math.inf, group,
+        d = _in_key_order(_cohort_dets(store, model_id, selection, group,
                                        # Narrow types: a million images bring ten million detections.
                                        "CAST(class_id AS INTEGER) AS class_id, CAST(rank AS SMALLINT) AS rank, "
                                        "tp_mask, ignored_mask, CAST(area_mask AS UTINYINT) AS area_mask, score, "
@@ -491,16 +493,30 @@ _EVALUATIONS_SCHEMA = pa.schema([("model_id", pa.string()), ("version", pa.int32
                                  ("shape", pa.list_(pa.int64())), ("data", pa.binary())])
 
 
-def _in_key_order(rows: dict[str, np.ndarray], key: str = "order_key") -> dict[str, np.ndarray]:
-    """``rows`` sorted by their distinct integer ``key`` (dropped), by one linear scatter: the keys
-    of a class group are (a subset of) one range of a model's order keys."""
-    keys = rows.pop(key)
-    if not len(keys):
+# Distinct keys filling at least 1/8 of their range are sorted by one scatter over the range, sparser
+# ones by argsort (the two cost about the same near there, measured at a million keys).
+_SCATTER_DENSITY = 8
+
+
+def _in_key_order(rows: dict[str, np.ndarray], key: str = "order_key", *,
+                  drop: bool = True) -> dict[str, np.ndarray]:
+    """``rows`` sorted by their distinct integer ``key`` (dropped unless ``drop`` is false).
+
+    Sorted here rather than by the query's ORDER BY: numpy takes a fraction of DuckDB's time. A class
+    group's keys are (a subset of) one range of a model's order keys: a dense one is put in order by
+    a linear scatter.
+    """
+    keys = rows.pop(key) if drop else rows[key]
+    if len(keys) < 2 or bool(np.all(keys[1:] > keys[:-1])):
         return rows
     keys = keys - keys.min()
-    slots = np.full(int(keys.max()) + 1, -1, np.int64)
-    slots[keys] = np.arange(len(keys))
-    order = slots[slots >= 0]
+    span = int(keys.max()) + 1
+    if span <= _SCATTER_DENSITY * len(keys):
+        slots = np.full(span, -1, np.int64)
+        slots[keys] = np.arange(len(keys))
+        order = slots[slots >= 0]
+    else:
+        order = np.argsort(keys)
     return {name: values[order] for name, values in rows.items()}
 
 
@@ -756,18 +772,19 @@ def _error_inputs(store, model_id, selection, iou, score_threshold):
     score = score_value(score_threshold)
     bit = bit_index(t, 0)
     where, params = _cohort_clause(selection)
-    dets = _fetch(store, (
+    dets = _in_key_order(_fetch(store, (
         "SELECT image_id, det_id, class_id, score, rank, "
         "(tp_mask >> ?) & 1 = 1 AS tp, best_same_gt_id, best_same_iou, best_other_gt_id, "
-        "best_other_class_id, best_other_iou FROM det_matches "
-        f"WHERE model_id = ? AND score >= ? AND ((tp_mask | ~ignored_mask) >> ?) & 1 = 1{where}"
-        " ORDER BY order_key"), [bit, model_id, score, bit, *params])
-    gts = _fetch(store, (
-        "SELECT image_id, gt_id, class_id, "
-        "coalesce(match_det_ids[?] >= 0 AND match_scores[?] >= ?, false) AS matched "
-        f"FROM gt_matches WHERE model_id = ? AND (area_mask & 1) = 1{where}"
-        " ORDER BY gt_id"),
-        [t + 1, t + 1, score, model_id, *params])
+        "best_other_class_id, best_other_iou, order_key FROM det_matches "
+        f"WHERE model_id = ? AND score >= ? AND ((tp_mask | ~ignored_mask) >> ?) & 1 = 1{where}"),
+        [bit, model_id, score, bit, *params]))
+    # A GT is matched at (iou, score) when its partner at iou is one of the true positives above (the
+    # partner's score is its match score): one list column read rather than two.
+    gts = _in_key_order(_fetch(store, (
+        "SELECT image_id, gt_id, class_id, coalesce(match_det_ids[?], -1) AS partner "
+        f"FROM gt_matches WHERE model_id = ? AND (area_mask & 1) = 1{where}"),
+        [t + 1, model_id, *params]), "gt_id", drop=False)
+    gts["matched"] = _is_in(gts.pop("partner"), dets["det_id"][dets["tp"]])
     return t, score, dets, gts
 
 
@@ -779,6 +796,15 @@ def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray, default) ->
     sorted_keys = keys[order]
     pos = np.minimum(np.searchsorted(sorted_keys, query), len(keys) - 1)
     return np.where(sorted_keys[pos] == query, values[order][pos], default)
+
+
+def _is_in(values: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """Whether each of ``values`` is one of ``pool``, by binary search (``np.isin`` hashes, several
+    times slower on a million integers)."""
+    if not len(pool):
+        return np.zeros(len(values), bool)
+    pool = np.sort(pool)
+    return pool[np.minimum(np.searchsorted(pool, values), len(pool) - 1)] == values
 
 
 def _first_per_key(keys: np.ndarray) -> np.ndarray:
@@ -812,63 +838,87 @@ def confusion_matrix_detection(store, model_id: str, selection: tuple[str, list]
     score = score_value(score_threshold)
     bit = bit_index(t, 0)
     where, cohort = _cohort_clause(selection)
-    # Aggregated in DuckDB: a million images bring ten million detections, and only
-    # (row, column, count) cells come back.
-    cells = _fetch(store, f"""
-        WITH dets AS (
-            SELECT det_id, class_id, score, (tp_mask >> ?) & 1 = 1 AS tp, best_other_gt_id,
-                   best_other_class_id, best_other_iou
-            FROM det_matches
-            WHERE model_id = ? AND score >= ? AND ((tp_mask | ~ignored_mask) >> ?) & 1 = 1{where}),
-        gts AS (
-            SELECT gt_id, class_id,
-                   coalesce(match_det_ids[?] >= 0 AND match_scores[?] >= ?, false) AS matched
-            FROM gt_matches WHERE model_id = ? AND (area_mask & 1) = 1{where}),
-        candidates AS (
-            SELECT d.det_id, d.class_id, d.best_other_gt_id AS gt_id, d.best_other_class_id AS gt_class,
-                   row_number() OVER (PARTITION BY d.best_other_gt_id ORDER BY d.score DESC, d.det_id) AS place
-            FROM dets d JOIN gts g ON g.gt_id = d.best_other_gt_id AND NOT g.matched
-            WHERE NOT d.tp AND d.best_other_iou >= ? AND d.best_other_gt_id >= 0),
-        confusions AS (SELECT det_id, class_id, gt_id, gt_class FROM candidates WHERE place = 1)
-        SELECT class_id AS truth, class_id AS predicted, count(*) AS n FROM dets WHERE tp GROUP BY ALL
-        UNION ALL
-        SELECT gt_class, class_id, count(*) FROM confusions GROUP BY ALL
-        UNION ALL
-        SELECT -1, class_id, count(*) FROM dets
-            WHERE NOT tp AND det_id NOT IN (SELECT det_id FROM confusions) GROUP BY ALL
-        UNION ALL
-        SELECT class_id, -1, count(*) FROM gts
-            WHERE NOT matched AND gt_id NOT IN (SELECT gt_id FROM confusions) GROUP BY ALL""",
-        [bit, model_id, score, bit, *cohort, t + 1, t + 1, score, model_id, *cohort, float(IOU_THRESHOLDS[t])])
+    # One scan of each table, of the fewest columns (a scan decodes each column it reads over all the
+    # model's rows, ten million at a million images); the candidates are ranked here.
+    dets = _fetch(store, (
+        "SELECT det_id, class_id, score, (tp_mask >> ?) & 1 = 1 AS tp, "
+        "NOT tp AND best_other_gt_id >= 0 AND best_other_iou >= ? AS candidate, best_other_gt_id, "
+        "best_other_class_id FROM det_matches "
+        f"WHERE model_id = ? AND score >= ? AND ((tp_mask | ~ignored_mask) >> ?) & 1 = 1{where}"),
+        [bit, float(IOU_THRESHOLDS[t]), model_id, score, bit, *cohort])
+    # A GT is matched at (iou, score) when its partner at iou is one of the true positives above (the
+    # partner's score is its match score): one list column read rather than two.
+    gts = _fetch(store, (
+        "SELECT gt_id, class_id, coalesce(match_det_ids[?], -1) AS partner FROM gt_matches "
+        f"WHERE model_id = ? AND (area_mask & 1) = 1{where}"), [t + 1, model_id, *cohort])
+    tp = dets["tp"].astype(bool)
+    det_cls = dets["class_id"].astype(np.int64)
+    missed = ~_is_in(gts["partner"], dets["det_id"][tp])
+    missed_ids = gts["gt_id"][missed]
+    # A missed GT is the confusion of its highest-scored candidate (ties: lower det_id).
+    candidates = np.flatnonzero(dets["candidate"])
+    candidates = candidates[_is_in(dets["best_other_gt_id"][candidates], missed_ids)]
+    candidates = candidates[np.lexsort((dets["det_id"][candidates], -dets["score"][candidates]))]
+    confusions = candidates[_first_per_key(dets["best_other_gt_id"][candidates])]
+    other_fp = ~tp
+    other_fp[confusions] = False
+    other_missed = ~_is_in(missed_ids, dets["best_other_gt_id"][confusions])
     names = list(store.classes)
     n = len(names)
-    # Background (-1 above) is the last row and column.
-    rows, cols = (np.where(cells[k] < 0, n, cells[k]).astype(np.int64) for k in ("truth", "predicted"))
-    matrix = np.zeros((n + 1, n + 1), np.int64)
-    np.add.at(matrix, (rows, cols), cells["n"].astype(np.int64))
+    # Background is the last row and column.
+    truth = np.concatenate([det_cls[tp], dets["best_other_class_id"][confusions].astype(np.int64),
+                            np.full(int(other_fp.sum()), n),
+                            gts["class_id"][missed][other_missed].astype(np.int64)])
+    predicted = np.concatenate([det_cls[tp], det_cls[confusions], det_cls[other_fp],
+                                np.full(int(other_missed.sum()), n)])
+    matrix = np.bincount(truth * (n + 1) + predicted, minlength=(n + 1) ** 2).reshape(n + 1, n + 1)
     labels = names + [BACKGROUND]
     return pd.DataFrame(matrix, index=pd.Index(labels, name="ground truth"),
                         columns=pd.Index(labels, name="predicted"))
 
 
-def _macro_ap_at(det_cls, det_score, det_tp, n_gt_k, classes_with_gt, t, order=None):
+def _macro_ap_at(det_cls, det_score, det_tp, n_gt_k, classes_with_gt, t):
     """Macro AP (101-point) at one threshold for a (possibly fixed-up) set of counted dets, given
-    in COCO order (class, score descending, image, rank) or put in it by ``order``."""
-    if order is None:
-        order = slice(None)
+    in COCO order (class, score descending, image, rank)."""
     n_gt = np.zeros((len(n_gt_k), N_AREAS), np.int64)
     n_gt[:, 0] = n_gt_k
     bit = bit_index(t, 0)
-    # Only counted detections come here: none ignored, all "inside" every area range.
+    # Only counted detections come here: none ignored, all "inside" every area range. The narrowest
+    # types that hold that (the bit of area 'all' is below 16): TIDE calls this nine times.
     n = len(det_cls)
-    acc = accumulate(det_cls[order], np.zeros(n, np.int64),
-                     det_tp[order].astype(np.int64) << bit, np.zeros(n, np.int64),
-                     np.full(n, (1 << N_AREAS) - 1, np.int64), det_score[order], n_gt,
-                     areas=(0,), thresholds=(t,))
+    acc = accumulate(det_cls, np.zeros(n, np.int8), det_tp.astype(np.int16) << bit, np.zeros(n, np.int16),
+                     np.full(n, (1 << N_AREAS) - 1, np.uint8), det_score, n_gt, areas=(0,), thresholds=(t,))
     per_class = acc.precision[t, :, :, 0].mean(axis=0)
     # A class whose every GT was "fixed away" keeps its place in the mean with AP 0.
     per_class = np.where(n_gt_k > 0, per_class, 0.0)
     return float(per_class[classes_with_gt].mean()) if classes_with_gt.any() else -1.0
+
+
+def _score_order(score: np.ndarray, image: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Positions of detections given in COCO order, sorted by score descending, then image, then
+    rank (COCO order less the class).
+
+    A stable sort merges the class runs (each already descends); equal scores then keep class order,
+    so only those are sorted again by (image, rank): a full lexsort costs twenty times more.
+    """
+    order = np.argsort(-score, kind="stable")
+    ranked = score[order]
+    tied = ranked[1:] == ranked[:-1]
+    if tied.any():
+        members = np.flatnonzero(np.r_[tied, False] | np.r_[False, tied])
+        ties = order[members]
+        group = np.cumsum(np.r_[False, ranked[members][1:] != ranked[members][:-1]])
+        order[members] = ties[np.lexsort((rank[ties], image[ties], group))]
+    return order
+
+
+def _regroup_by_class(by_score: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """``by_score`` (positions in ``_score_order``) grouped by ``classes`` of those positions: COCO
+    order for any class labels. A stable sort of small integers is a radix sort."""
+    labels = classes[by_score]
+    if len(labels) and labels.min() >= np.iinfo(np.int16).min and labels.max() <= np.iinfo(np.int16).max:
+        labels = labels.astype(np.int16)
+    return by_score[np.argsort(labels, kind="stable")]
 
 
 def tide_errors(store, model_id: str, selection: tuple[str, list] | None, *, iou: float = 0.5,
@@ -932,9 +982,10 @@ def tide_errors(store, model_id: str, selection: tuple[str, list] | None, *, iou
     usable_idx = usable_idx[np.lexsort((dets["det_id"][usable_idx], -det_score[usable_idx]))]
     fixable = np.zeros(len(tp), bool)
     fixable[usable_idx[_first_per_key(target[usable_idx])]] = True
-    missed = ~gt_matched & ~np.isin(gt_id, target[usable])
+    missed = ~gt_matched & ~_is_in(gt_id, target[usable])
 
     base = _macro_ap_at(det_cls, det_score, tp, n_gt_k, classes_with_gt, t)
+    by_score = _score_order(det_score, det_image, det_rank)
 
     def fixed_ap(error: np.ndarray, relabel: bool = False, gt_drop=None) -> float:
         keep = ~error | fixable
@@ -942,9 +993,11 @@ def tide_errors(store, model_id: str, selection: tuple[str, list] | None, *, iou
         new_tp = tp | (error & fixable)
         n_gt = n_gt_k - (np.bincount(gt_cls[gt_drop], minlength=n_classes) if gt_drop is not None
                          else 0)
-        # Relabelled detections move to another class's ranking: sort again (once, for Cls).
-        order = np.lexsort((det_rank[keep], det_image[keep], -det_score[keep], new_cls[keep])) if relabel else None
-        return _macro_ap_at(new_cls[keep], det_score[keep], new_tp[keep], n_gt, classes_with_gt, t, order)
+        if relabel:  # relabelled detections move to another class's ranking: COCO order again
+            kept = _regroup_by_class(by_score[keep[by_score]], new_cls)
+        else:
+            kept = np.flatnonzero(keep)
+        return _macro_ap_at(new_cls[kept], det_score[kept], new_tp[kept], n_gt, classes_with_gt, t)
 
     def without(dropped: np.ndarray) -> float:
         kept = ~dropped
