@@ -31,6 +31,7 @@ from .state import View, claim_dialog
 
 ALL_IMAGES = 0  # the switcher's id for the global cohort
 GROUPS = (0, 1, 2, 3)  # 0: every image must match; k: OR group k
+ALL_COHORTS_WIDTH = 760  # px: the list of all cohorts in the cohort bar's popover
 _DRAFT = "_vl_draft"
 _DISTINCT_LIMIT = 200
 _uids = itertools.count(1)
@@ -111,7 +112,8 @@ def _actions(view: View, saved: dict[int, SavedCohort]) -> None:
         listing = st.popover("All cohorts", icon=":material/list:", key="vl_bar_all", on_change="rerun")
         with listing:
             if listing.open:
-                cohort_table(view, list(saved.values()), key="vl_bar_table")
+                # A popover is as wide as its content, and a stretched table as wide as its popover.
+                cohort_table(view, list(saved.values()), key="vl_bar_table", width=ALL_COHORTS_WIDTH)
 
 
 # --------------------------------------------------------------------------- all cohorts
@@ -132,8 +134,8 @@ def cohort_sizes(view: View, cohorts: Sequence[SavedCohort]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["id", "Cohort", "Images", "Inside", "Conditions", "Updated"])
 
 
-def cohort_table(view: View, cohorts: Sequence[SavedCohort], *, key: str, opens: bool = True
-                 ) -> SavedCohort | None:
+def cohort_table(view: View, cohorts: Sequence[SavedCohort], *, key: str, opens: bool = True,
+                 width: int | str = "stretch") -> SavedCohort | None:
     """Every saved cohort with its size. A click on a row opens that cohort (``opens``) or
     just selects it; returns the selected one."""
     if not cohorts:
@@ -148,7 +150,7 @@ def cohort_table(view: View, cohorts: Sequence[SavedCohort], *, key: str, opens:
             go(view, Cohort(parent_id=int(table["id"].iloc[rows[0]])), page=None, image=None)
 
     event = st.dataframe(
-        table, key=key, hide_index=True, on_select=open_selected if opens else "rerun",
+        table, key=key, hide_index=True, width=width, on_select=open_selected if opens else "rerun",
         selection_mode="single-row",
         column_config={
             "id": st.column_config.NumberColumn("Id", width="small"),
