@@ -71,8 +71,8 @@ def freeze_imports() -> None:
 
 # Streamlit's browser code fetches and compiles each element type's code on its first use in a
 # tab (React.lazy): the first chart or table after a page switch shows skeletons for 0.3-0.6 s
-# meanwhile. These are the types the pages use beyond the explorer's, with vega-embed (loaded
-# by the chart on its first draw).
+# meanwhile. These are the types the pages use, with vega-embed (which the chart loads on its
+# first draw).
 PRELOADED_CHUNKS = ("ArrowVegaLiteChart", "embed", "vega-interpreter", "DataFrame", "Metric", "ImageList",
                     "ButtonGroup", "Multiselect", "Selectbox", "Slider", "Checkbox", "Radio", "Pagination")
 
