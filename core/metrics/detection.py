@@ -778,14 +778,21 @@ def _error_inputs(store, model_id, selection, iou, score_threshold):
         "best_other_class_id, best_other_iou, order_key FROM det_matches "
         f"WHERE model_id = ? AND score >= ? AND ((tp_mask | ~ignored_mask) >> ?) & 1 = 1{where}"),
         [bit, model_id, score, bit, *params]))
-    # A GT is matched at (iou, score) when its partner at iou is one of the true positives above (the
-    # partner's score is its match score): one list column read rather than two.
-    gts = _in_key_order(_fetch(store, (
-        "SELECT image_id, gt_id, class_id, coalesce(match_det_ids[?], -1) AS partner "
-        f"FROM gt_matches WHERE model_id = ? AND (area_mask & 1) = 1{where}"),
-        [t + 1, model_id, *params]), "gt_id", drop=False)
-    gts["matched"] = _is_in(gts.pop("partner"), dets["det_id"][dets["tp"]])
+    gts = _in_key_order(_counted_gts(store, model_id, t, where, params, dets["det_id"][dets["tp"]],
+                                     "image_id, gt_id, class_id"), "gt_id", drop=False)
     return t, score, dets, gts
+
+
+def _counted_gts(store, model_id, t, where, params, tp_det_ids, columns) -> dict[str, np.ndarray]:
+    """``columns`` of the cohort's counted GTs (area 'all': not crowd), with ``matched`` at IoU
+    threshold ``t`` given the true positives' det_ids at the chosen score threshold.
+
+    A GT is matched when its partner at ``t`` is one of those true positives (the partner's score
+    is its match score): one list column read rather than two."""
+    gts = _fetch(store, (f"SELECT {columns}, coalesce(match_det_ids[?], -1) AS partner FROM gt_matches "
+                         f"WHERE model_id = ? AND (area_mask & 1) = 1{where}"), [t + 1, model_id, *params])
+    gts["matched"] = _is_in(gts.pop("partner"), tp_det_ids)
+    return gts
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray, default) -> np.ndarray:
@@ -846,14 +853,10 @@ def confusion_matrix_detection(store, model_id: str, selection: tuple[str, list]
         "best_other_class_id FROM det_matches "
         f"WHERE model_id = ? AND score >= ? AND ((tp_mask | ~ignored_mask) >> ?) & 1 = 1{where}"),
         [bit, float(IOU_THRESHOLDS[t]), model_id, score, bit, *cohort])
-    # A GT is matched at (iou, score) when its partner at iou is one of the true positives above (the
-    # partner's score is its match score): one list column read rather than two.
-    gts = _fetch(store, (
-        "SELECT gt_id, class_id, coalesce(match_det_ids[?], -1) AS partner FROM gt_matches "
-        f"WHERE model_id = ? AND (area_mask & 1) = 1{where}"), [t + 1, model_id, *cohort])
     tp = dets["tp"].astype(bool)
+    gts = _counted_gts(store, model_id, t, where, cohort, dets["det_id"][tp], "gt_id, class_id")
     det_cls = dets["class_id"].astype(np.int64)
-    missed = ~_is_in(gts["partner"], dets["det_id"][tp])
+    missed = ~gts["matched"]
     missed_ids = gts["gt_id"][missed]
     # A missed GT is the confusion of its highest-scored candidate (ties: lower det_id).
     candidates = np.flatnonzero(dets["candidate"])
