@@ -5,7 +5,7 @@ For each chosen task and size, builds (or reuses) a synthetic store
 
 - store size on disk and build time (when built in this run);
 - median milliseconds (of ``--repeat`` warm runs; the first, cold run too) of
-  what the pages run: cohort count, confusion matrix, the metrics-per-cohort
+  what the pages run: cohort count (also of the cohort's errors), confusion matrix, the metrics-per-cohort
   table (all images and one cohort per site), the error-analysis tree
   (frame load and fit; the fit uses a uniform sample of at most
   ``TreeSettings.max_fit_rows`` images, as the page states), one image-grid
@@ -49,6 +49,8 @@ from serving import serve  # noqa: E402
 SIZES = {"100k": 100_000, "1m": 1_000_000}
 MODEL = "baseline"
 COHORT = "brightness__lt=0.4&camera__in=phone,webcam"
+# The same images where the model is wrong: for detection, the per-image counts at the thresholds.
+ERROR_COHORT = COHORT + "&outcome__eq=incorrect"
 TREE_FEATURES = ["brightness", "contrast", "sharpness", "noise", "colorfulness", "site", "camera", "clutter",
                  "occluded"]
 TARGET_QUERY_MS = 100.0
@@ -106,8 +108,10 @@ def engine_cases(store: Store, task: str) -> dict[str, Callable[[], object]]:
             return classification_metrics(store, MODEL, sel)
 
         confusion = lambda: confusion_matrix(store, MODEL, selection)  # noqa: E731
+    errors = parse_query(ERROR_COHORT, catalog).cohort
     cases = {
         "cohort count": lambda: cohort_count(store, cohort, MODEL, catalog=catalog),
+        "cohort count, images with an error": lambda: cohort_count(store, errors, MODEL, catalog=catalog),
         "confusion matrix (cohort)": confusion,
         "metrics per cohort table (5 rows)": lambda: [metrics(s) for s in [None, *site_selections]],
         "metrics, one cohort": lambda: metrics(selection),

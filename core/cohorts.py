@@ -950,17 +950,30 @@ class _Sql:
         return self
 
 
-def _counts_join(model_id: str, iou: float, score_threshold: float) -> tuple[str, list]:
-    """Per-image TP/FP/FN of a detection model from the stored matches (``core.matching``)."""
+def _counts_join(store: Store, model_id: str, iou: float, score_threshold: float) -> tuple[str, list]:
+    """Per-image TP/FP/FN of a detection model from the stored matches (``core.matching``): a derived
+    table of the store, as computing them aggregates every match of the model."""
     try:
         counts_sql, counts_params = image_counts_params(model_id, iou, score_threshold)
     except EvalError as error:
         raise CohortError(error.message, field="iou", choices=error.choices) from None
-    return (f"LEFT JOIN ({counts_sql}) AS c ON c.{quote_identifier('image_id')} = i.{quote_identifier('image_id')}",
-            list(counts_params))
+    counts = store.derived(("detection image counts", model_id, float(iou), float(score_threshold)),
+                           counts_sql, counts_params)
+    return f"LEFT JOIN {counts} AS c ON c.{quote_identifier('image_id')} = i.{quote_identifier('image_id')}", []
 
 
-def _model_expressions(catalog: Catalog, model_id: str, iou: float, score_threshold: float,
+def _classes_join(store: Store, model_id: str, score_threshold: float) -> tuple[str, list]:
+    """Per image: a detection model's best score and its classes detected at ``score_threshold``."""
+    q = quote_identifier
+    classes = store.derived(
+        ("detection image classes", model_id, score_threshold),
+        f"SELECT {q('image_id')}, max({q('score')}) AS {q('score')}, "
+        f"list_sort(list_distinct(list({q('class_id')}) FILTER (WHERE {q('score')} >= ?))) AS {q('classes')} "
+        f"FROM {q('det_boxes')} WHERE {q('model_id')} = ? GROUP BY {q('image_id')}", [score_threshold, model_id])
+    return f"LEFT JOIN {classes} AS d ON d.{q('image_id')} = i.{q('image_id')}", []
+
+
+def _model_expressions(store: Store, catalog: Catalog, model_id: str, iou: float, score_threshold: float,
                        label_threshold: float) -> tuple[dict, dict, dict]:
     """Per task: level-1 expressions, level-2 (derived) expressions and the joins they need.
 
@@ -1001,12 +1014,8 @@ def _model_expressions(catalog: Catalog, model_id: str, iou: float, score_thresh
             ("pred_label", "__true_set"))
         level2["error"] = (f"b.{q('pred_label')} <> b.{q('__true_set')}", ("pred_label", "__true_set"))
     elif catalog.task == "detection":
-        joins["d"] = lambda: (
-            f"LEFT JOIN (SELECT {q('image_id')}, max({q('score')}) AS {q('score')}, "
-            f"list_sort(list_distinct(list({q('class_id')}) FILTER (WHERE {q('score')} >= ?))) AS {q('classes')} "
-            f"FROM {q('det_boxes')} WHERE {q('model_id')} = ? GROUP BY {q('image_id')}) AS d "
-            f"ON d.{q('image_id')} = i.{q('image_id')}", [score_threshold, model_id])
-        joins["c"] = lambda: _counts_join(model_id, iou, score_threshold)
+        joins["d"] = lambda: _classes_join(store, model_id, score_threshold)
+        joins["c"] = lambda: _counts_join(store, model_id, iou, score_threshold)
         level1["pred_label"] = (f"coalesce(d.{q('classes')}, CAST([] AS INTEGER[]))", [], ("d",))
         level1["score"] = (f"d.{q('score')}", [], ("d",))
         for name in ("n_tp", "n_fp", "n_fn"):
@@ -1091,7 +1100,7 @@ def _frame(store: Store, model_id: str | None, *, iou: float = 0.5, score_thresh
         raise CohortError(f"unknown model {_show(model_id)}", field="model", choices=list(catalog.models))
     q = quote_identifier
     model_wanted = [c for c in wanted if c in MODEL_COLUMNS]
-    level1, level2, joins = (_model_expressions(catalog, model_id, iou, score_threshold, label_threshold)
+    level1, level2, joins = (_model_expressions(store, catalog, model_id, iou, score_threshold, label_threshold)
                              if model_wanted else ({}, {}, {}))
     derived1, derived_joins = _derived_expressions(store, catalog, model_id, wanted)
     level1.update(derived1)

@@ -469,6 +469,9 @@ def match_detections(gt_boxes: pd.DataFrame, det_boxes: pd.DataFrame
 
 # --------------------------------------------------------------------------- per-image counts
 
+# A counted GT is found at threshold t and score threshold s exactly when its partner at t is a true
+# positive scored >= s, and each true positive has one counted partner: so an image's misses are
+# its counted GTs less its true positives. That reads no list column and no per-threshold GT data.
 _IMAGE_COUNTS_SQL = """
 WITH vl_model AS (SELECT CAST(? AS VARCHAR) AS model_id),
 vl_det AS (
@@ -479,12 +482,12 @@ vl_det AS (
     WHERE model_id = (SELECT model_id FROM vl_model) AND score >= ?
     GROUP BY image_id),
 vl_gt AS (
-    SELECT image_id, count(*) AS n_fn
+    SELECT image_id, count(*) AS n_gt
     FROM gt_matches
     WHERE model_id = (SELECT model_id FROM vl_model) AND (area_mask & 1) = 1
-      AND (match_det_ids[?] < 0 OR match_scores[?] < ?)
     GROUP BY image_id)
-SELECT image_id, coalesce(n_tp, 0) AS n_tp, coalesce(n_fp, 0) AS n_fp, coalesce(n_fn, 0) AS n_fn
+SELECT CAST(image_id AS INTEGER) AS image_id, CAST(coalesce(n_tp, 0) AS INTEGER) AS n_tp,
+       CAST(coalesce(n_fp, 0) AS INTEGER) AS n_fp, CAST(coalesce(n_gt, 0) - coalesce(n_tp, 0) AS INTEGER) AS n_fn
 FROM vl_det FULL OUTER JOIN vl_gt USING (image_id)
 """
 
@@ -501,7 +504,7 @@ def image_counts_sql(iou: float, score_threshold: float) -> tuple[str, list]:
     t = threshold_index(iou)
     score = score_value(score_threshold)
     bit = bit_index(t, 0)
-    return _IMAGE_COUNTS_SQL, [bit, bit, score, t + 1, t + 1, score]
+    return _IMAGE_COUNTS_SQL, [bit, bit, score]
 
 
 def image_counts_params(model_id: str, iou: float, score_threshold: float) -> tuple[str, list]:

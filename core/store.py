@@ -17,12 +17,17 @@ its parts. ``Store.refresh()`` notices a renamed base or new parts by file
 identity and part listing only (no data read) and rebuilds the views.
 Writers take ``NAME.lock`` (never readers): part writers briefly, ``compact``
 for the whole fold, so no part is lost between reading and replacing the base.
+
+A reader also keeps a few derived tables (``Store.derived``): the rows of a
+query that several pages join, held in its in-memory connection (so a refresh
+drops them with the rest) and computed on first use.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -56,6 +62,11 @@ PARTS_IN_MEMORY_BYTES = 64 * 1024 * 1024  # of Parquet, over every table (a few 
 # spill joins, aggregates and sorts past it to a temporary folder of their own.
 READ_MEMORY_LIMIT = "256MB"
 READ_MEMORY_LIMIT_ENV = "VISIONLENS_MEMORY_LIMIT"
+# Derived tables a reader keeps, least recently asked for dropped first (a detection model's
+# per-image counts at one pair of thresholds: about 16 MB at a million images).
+DERIVED_TABLES_KEPT = 6
+DERIVED_DEFINITIONS_KEPT = 256
+DERIVED_SCHEMA = "derived"
 
 # Columns every store has, so views exist before any part is written. Builders
 # may add columns (metadata fields, per-task prediction columns).
@@ -288,6 +299,11 @@ class Store:
             raise StoreError("store not found", file=str(self.paths.base))
         self._lock = threading.RLock()
         self._con: duckdb.DuckDBPyConnection | None = None
+        # Derived tables: name -> (sql, params), most recently asked for last; the names
+        # materialised in the current connection, most recently used last; one at a time.
+        self._derived: OrderedDict[str, tuple[str, list]] = OrderedDict()
+        self._materialized: OrderedDict[str, None] = OrderedDict()
+        self._derive_lock = threading.Lock()
         self._signature: tuple = ()
         self._meta: dict[str, str] = {}
         self.refresh()
@@ -353,6 +369,7 @@ class Store:
                         selects.append(parts_sql[table])
                     body = " UNION ALL BY NAME ".join(selects)
                     con.execute(f"CREATE VIEW main.{_quote(table)} AS {body}")
+                con.execute(f"CREATE SCHEMA {DERIVED_SCHEMA}")
             except duckdb.Error as exc:
                 con.close()
                 raise StoreError(f"cannot open store: {exc}", file=str(self.paths.base)) from exc
@@ -360,6 +377,7 @@ class Store:
                 con.close()
                 raise
             self._con, self._meta, self._signature = con, meta, disk
+            self._materialized = OrderedDict()
             self._tables = tuple(sorted(base_tables | set(part_files)))
             return True
 
@@ -417,26 +435,88 @@ class Store:
                 raise StoreError("store is closed", file=str(self.paths.base))
             return self._con.cursor()
 
-    def query(self, sql: str, params: list | tuple | None = None) -> pd.DataFrame:
-        cur = self.cursor()
+    def derived(self, key: tuple, sql: str, params: list | tuple = ()) -> str:
+        """The name (schema-qualified, quoted) of a table holding ``sql``'s rows, for this store's
+        own queries to join.
+
+        The table is computed when a query first names it, once per refresh of the store (new
+        parts or a new base start afresh); only the ``DERIVED_TABLES_KEPT`` most recently
+        computed are held, an older one is computed again when named again. ``key``
+        identifies the rows: the same key must mean the same ``sql`` and ``params``.
+        """
+        digest = hashlib.sha1(repr(key).encode()).hexdigest()[:24]
+        name = f"{DERIVED_SCHEMA}.{_quote('t' + digest)}"
+        with self._lock:
+            self._derived[name] = (sql, list(params))
+            self._derived.move_to_end(name)
+            while len(self._derived) > DERIVED_DEFINITIONS_KEPT:
+                self._derived.popitem(last=False)
+        return name
+
+    def _materialize(self, con: duckdb.DuckDBPyConnection, name: str) -> None:
+        with self._lock:
+            if name not in self._derived:
+                return  # forgotten: the query naming it fails as for any unknown table
+            body, params = self._derived[name]
+        cur = con.cursor()
         try:
-            return cur.execute(sql, list(params or [])).df()
+            cur.execute(f"CREATE TABLE IF NOT EXISTS {name} AS {body}", params)
         finally:
             cur.close()
+        with self._lock:
+            if self._con is not con:
+                return
+            self._materialized[name] = None
+            while len(self._materialized) > DERIVED_TABLES_KEPT:
+                oldest, _ = self._materialized.popitem(last=False)
+                cur = con.cursor()
+                try:
+                    cur.execute(f"DROP TABLE IF EXISTS {oldest}")
+                finally:
+                    cur.close()
+
+    def _cursor_for(self, sql: str) -> duckdb.DuckDBPyConnection:
+        """A cursor on the current connection, with every derived table ``sql`` names in it."""
+        with self._lock:
+            if self._con is None:
+                raise StoreError("store is closed", file=str(self.paths.base))
+            con = self._con
+            wanted = [name for name in self._derived if name in sql]
+            for name in wanted:
+                if name in self._materialized:
+                    self._materialized.move_to_end(name)
+        for name in wanted:
+            with self._derive_lock:
+                with self._lock:
+                    held = self._con is con and name in self._materialized
+                if not held:
+                    self._materialize(con, name)
+        return con.cursor()
+
+    def _run(self, sql: str, params: list | tuple | None, fetch):
+        for attempt in range(2):
+            cur = self._cursor_for(sql)
+            try:
+                return fetch(cur, list(params or []))
+            except duckdb.CatalogException:
+                # A derived table this query names was dropped for a newer one meanwhile.
+                with self._lock:
+                    dropped = [name for name in self._derived if name in sql and name in self._materialized]
+                    for name in dropped:
+                        del self._materialized[name]
+                if attempt or not dropped:
+                    raise
+            finally:
+                cur.close()
+
+    def query(self, sql: str, params: list | tuple | None = None) -> pd.DataFrame:
+        return self._run(sql, params, lambda cur, values: cur.execute(sql, values).df())
 
     def arrow(self, sql: str, params: list | tuple | None = None) -> pa.Table:
-        cur = self.cursor()
-        try:
-            return cur.sql(sql, params=list(params or [])).to_arrow_table()
-        finally:
-            cur.close()
+        return self._run(sql, params, lambda cur, values: cur.sql(sql, params=values).to_arrow_table())
 
     def rows(self, sql: str, params: list | tuple | None = None) -> list[tuple]:
-        cur = self.cursor()
-        try:
-            return cur.execute(sql, list(params or [])).fetchall()
-        finally:
-            cur.close()
+        return self._run(sql, params, lambda cur, values: cur.execute(sql, values).fetchall())
 
     def scalar(self, sql: str, params: list | tuple | None = None):
         rows = self.rows(sql, params)

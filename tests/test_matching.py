@@ -289,6 +289,26 @@ def test_stored_masks_above_a_score_equal_rematching_only_those_dets(seed):
             assert expected.tolist() == [v[t] for v in gm2["match_det_ids"]]
 
 
+
+@pytest.mark.parametrize("seed", range(12))
+def test_image_misses_equal_the_gts_whose_partner_is_missing_or_below_the_score(seed):
+    """The counts read no GT partner: their misses must equal the definition that does."""
+    gt, det = _random_case(seed)
+    if seed % 3 == 0:  # 105 detections of one class on one image: ranks >= 100 never count
+        det = pd.concat([det, det_frame([(0, 1000 + k, 0, 0.99 - k / 1000, BOX) for k in range(105)])])
+    dm, gm = match_detections(gt, det)
+    counted = gm[(gm["area_mask"].to_numpy() & 1) == 1]
+    for iou in (0.5, 0.75, 0.95):
+        t = threshold_index(iou)
+        partner = np.array([v[t] for v in counted["match_det_ids"]], dtype=np.int64)
+        partner_score = np.array([v[t] for v in counted["match_scores"]], dtype=float)
+        for score in (0.0, 0.2, 0.5, 0.9):
+            missed = (partner < 0) | ~(partner_score >= score)
+            expected = pd.Series(missed, index=counted["image_id"]).groupby(level=0).sum()
+            counts = _counts(dm, gm, iou, score)
+            assert {i: n for i, (_, _, n) in counts.items() if n} == \
+                {int(i): int(n) for i, n in expected.items() if n}
+
 @pytest.mark.parametrize("seed", range(10))
 def test_best_overlaps_equal_a_brute_force_search(seed):
     gt, det = _random_case(seed)

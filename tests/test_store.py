@@ -198,3 +198,41 @@ def test_parts_that_do_not_fit_in_memory_are_scanned_from_disk(base, monkeypatch
     store = Store(base)
     assert store.rows(in_memory) == [("images",)]
     assert store.scalar("SELECT count(*) FROM explanations WHERE image_id >= 1000") == 1000
+
+
+def _materialized_count(store: Store) -> int:
+    return store.scalar("SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'derived'")
+
+
+def test_derived_table_is_computed_once_and_again_after_a_refresh(base):
+    store = Store(base)
+    name = store.derived(("ids", 1), "SELECT image_id, random() AS r FROM images WHERE image_id >= ?", [1])
+    assert _materialized_count(store) == 0  # computed when a query first names it
+    first = store.query(f"SELECT image_id, r FROM {name} ORDER BY image_id")
+    assert first["image_id"].tolist() == [1, 2]
+    again = store.query(f"SELECT image_id, r FROM {name} ORDER BY image_id")
+    assert again["r"].tolist() == first["r"].tolist()  # the same rows, not a recomputation
+    write_part(base, "images", images_frame([7]))
+    assert store.refresh()
+    after = store.query(f"SELECT image_id FROM {name} ORDER BY image_id")
+    assert after["image_id"].tolist() == [1, 2, 7]  # a new part: the derived rows follow
+
+
+def test_only_the_most_recent_derived_tables_are_held(base, monkeypatch):
+    monkeypatch.setattr(store_mod, "DERIVED_TABLES_KEPT", 2)
+    store = Store(base)
+    names = [store.derived(("above", k), "SELECT image_id FROM images WHERE image_id > ?", [k]) for k in range(3)]
+    for name in names:
+        store.rows(f"SELECT count(*) FROM {name}")
+    assert _materialized_count(store) == 2
+    # The dropped one is computed again when named again; the others stay right.
+    assert [store.scalar(f"SELECT count(*) FROM {name}") for name in names] == [2, 1, 0]
+    assert _materialized_count(store) == 2
+
+
+def test_a_query_retries_when_its_derived_table_was_dropped_meanwhile(base):
+    store = Store(base)
+    name = store.derived(("all",), "SELECT image_id FROM images")
+    assert store.scalar(f"SELECT count(*) FROM {name}") == 3
+    store.cursor().execute(f"DROP TABLE {name}")  # as another thread's eviction would
+    assert store.scalar(f"SELECT count(*) FROM {name}") == 3
