@@ -36,6 +36,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from .cohorts import Catalog, Cohort, Filter, catalog_of, filter_sql, format_number, frame_sql, to_query
 from .errors import EvalError
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 DEFAULT_ALPHA = 0.95  # SliceLine's default weight of the error term
 DEFAULT_BINS = 5  # quantile bins per numeric column
 SIGNIFICANT_DIGITS = 3  # bin edges are rounded so query strings stay readable
-_CHUNK_BYTES = 64 << 20  # memory for one batch of candidate evaluations
+_CHUNK_BYTES = 16 << 20  # memory for one batch of candidate evaluations (64 MiB was no faster at 1M images)
 
 
 # --------------------------------------------------------------------------- results
@@ -384,7 +385,7 @@ def prepare_search(frame: pd.DataFrame, catalog: Catalog, columns: list[str], *,
     ``codes``: per binned numeric column, the compiler's bin of each row (see ``numeric_predicates``).
     """
     predicates: list[Predicate] = []
-    masks: list[np.ndarray] = []
+    packed: list[np.ndarray] = []  # each predicate's bits as soon as it is found: 1/8 of a bool mask
     feature_of: list[int] = []
     codes = codes or {}
     for feature, name in enumerate(columns):
@@ -401,13 +402,24 @@ def prepare_search(frame: pd.DataFrame, catalog: Catalog, columns: list[str], *,
             # Smaller predicates can never be part of a slice; one holding every image says nothing.
             if min_size <= mask.sum() < len(frame):
                 predicates.append(predicate)
-                masks.append(np.asarray(mask, dtype=bool))
+                packed.append(pack_bits(np.asarray(mask, dtype=bool)[None, :])[0])
                 feature_of.append(feature)
     errors = frame["error"].to_numpy(dtype=bool)
     n = len(frame)
-    bits = pack_bits(np.array(masks)) if masks else np.zeros((0, -(-n // 64)), dtype=np.uint64)
+    bits = np.stack(packed) if packed else np.zeros((0, -(-n // 64)), dtype=np.uint64)
     return SliceSearch(tuple(predicates), np.array(feature_of, dtype=np.int64), bits,
                        pack_bits(errors[None, :])[0], n, int(errors.sum()))
+
+
+def _by_image(table: pa.Table) -> pd.DataFrame:
+    """``table``'s rows by image id, as pandas. Sorted here rather than by ``ORDER BY``, and
+    converted column by column as Arrow frees them: at a million images the frame's read then
+    peaks at about two thirds of the memory that ``ORDER BY`` and DuckDB's pandas conversion took."""
+    order = np.argsort(table.column("image_id").to_numpy(), kind="stable")
+    frame = table.take(order).to_pandas(self_destruct=True, split_blocks=True)
+    del table
+    pa.default_memory_pool().release_unused()
+    return frame
 
 
 def _numbers(series: pd.Series) -> np.ndarray:
@@ -422,7 +434,7 @@ def store_search(store: Store, catalog: Catalog, model_id: str, columns: list[st
     one lets the compiler's own filters put each value in its bin.
     """
     sql, params = frame_sql(store, model_id, columns=["image_id", "error", *columns], catalog=catalog, **thresholds)
-    frame = store.query(f"{sql} ORDER BY 1", params)
+    frame = _by_image(store.arrow(sql, params))
     evaluated = frame["error"].notna().to_numpy()
     edges = {name: bin_edges(_numbers(frame.loc[evaluated, name]), bins) for name in columns
              if catalog.columns[name].values == "number"}
@@ -434,8 +446,8 @@ def store_search(store: Store, catalog: Catalog, model_id: str, columns: list[st
             text, values = bin_codes_sql(name, column_edges, catalog)
             expressions.append(f"{text} AS vl_code_{index}")
             code_params += values
-        coded = store.query(f"SELECT {', '.join(expressions)} FROM ({sql}) AS f ORDER BY f.image_id",
-                            code_params + params)
+        coded = _by_image(store.arrow(f"SELECT f.image_id, {', '.join(expressions)} FROM ({sql}) AS f",
+                                      code_params + params))
         codes = {name: coded[f"vl_code_{index}"].to_numpy()[evaluated] for index, name in enumerate(binned)}
     frame = frame[evaluated].reset_index(drop=True)
     size_floor = default_min_size(len(frame)) if min_size is None else max(1, int(min_size))
