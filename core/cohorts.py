@@ -957,8 +957,7 @@ def _counts_join(store: Store, model_id: str, iou: float, score_threshold: float
         counts_sql, counts_params = image_counts_params(model_id, iou, score_threshold)
     except EvalError as error:
         raise CohortError(error.message, field="iou", choices=error.choices) from None
-    counts = store.derived(("detection image counts", model_id, float(iou), float(score_threshold)),
-                           counts_sql, counts_params)
+    counts = store.derived(("detection image counts", model_id, *counts_params), counts_sql, counts_params)
     return f"LEFT JOIN {counts} AS c ON c.{quote_identifier('image_id')} = i.{quote_identifier('image_id')}", []
 
 
@@ -966,7 +965,7 @@ def _classes_join(store: Store, model_id: str, score_threshold: float) -> tuple[
     """Per image: a detection model's best score and its classes detected at ``score_threshold``."""
     q = quote_identifier
     classes = store.derived(
-        ("detection image classes", model_id, score_threshold),
+        ("detection image classes", model_id, str(score_threshold)),
         f"SELECT {q('image_id')}, max({q('score')}) AS {q('score')}, "
         f"list_sort(list_distinct(list({q('class_id')}) FILTER (WHERE {q('score')} >= ?))) AS {q('classes')} "
         f"FROM {q('det_boxes')} WHERE {q('model_id')} = ? GROUP BY {q('image_id')}", [score_threshold, model_id])

@@ -324,7 +324,7 @@ def _per_image(store: Store, catalog: Catalog, baseline: str, candidate: str, th
     return _PerImage(evaluated, b_ok & evaluated, c_ok & evaluated, disagree & evaluated, None, None), n
 
 
-# Both models' per-image FP and FN counts (as ``core.matching.image_counts_sql``: an image is an
+# Both models' per-image FP and FN counts (as ``core.matching.image_counts_params``: an image is an
 # error when it has either) and the ground truths one finds and the other misses, in one pass
 # over each match table. A ground truth's two outcomes pair up as one bit (``gt_id`` is unique
 # in a store) of a word of 64 per image: no join on every ground truth (ten million at a

@@ -8,7 +8,7 @@ import pytest
 
 from core.errors import EvalError
 from core.matching import (ALL_BITS, AREA_NAMES, IOU_THRESHOLDS, bit_index, box_iou_pairs,
-                           image_counts_params, image_counts_sql, match_detections,
+                           image_counts_params, match_detections,
                            threshold_index)
 from core.store import memory_connection
 
@@ -206,13 +206,8 @@ def _counts(dm, gm, iou, score):
     con = memory_connection()
     con.register("det_matches", dm.assign(model_id="m"))
     con.register("gt_matches", gm.assign(model_id="m"))
-    sql, params = image_counts_sql(iou, score)
-    frames = [con.execute(sql, ["m", *params]).df(),
-              con.execute(*image_counts_params("m", iou, score)).df()]
-    by_image = [{int(r.image_id): (int(r.n_tp), int(r.n_fp), int(r.n_fn)) for r in f.itertuples()}
-                for f in frames]
-    assert by_image[0] == by_image[1]
-    return by_image[0]
+    frame = con.execute(*image_counts_params("m", iou, score)).df()
+    return {int(r.image_id): (int(r.n_tp), int(r.n_fp), int(r.n_fn)) for r in frame.itertuples()}
 
 
 def test_image_counts_on_the_toy_dataset():
@@ -240,10 +235,10 @@ def test_image_counts_on_the_toy_dataset():
 
 def test_image_counts_reject_unstored_iou_and_bad_score():
     with pytest.raises(EvalError) as info:
-        image_counts_sql(0.42, 0.5)
+        image_counts_params("m", 0.42, 0.5)
     assert info.value.field == "iou"
     with pytest.raises(EvalError):
-        image_counts_sql(0.5, "high")
+        image_counts_params("m", 0.5, "high")
 
 
 # --------------------------------------------------------------------------- score threshold
