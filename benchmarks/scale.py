@@ -13,8 +13,9 @@ For each chosen task and size, builds (or reuses) a synthetic store
   ``TreeSettings.max_fit_rows`` images, as the page states), one image-grid
   page deep in a large cohort (``cohort_rows`` with LIMIT/OFFSET), and for
   detection the metrics at an IoU and a score threshold not asked for before
-  (the cohorts' evaluations cached, as the model overview keeps them) and
-  TIDE errors;
+  (the cohorts' evaluations cached, as the model overview keeps them), TIDE
+  errors, and how long merely counting the cohort's detections takes: the
+  least any detection query on the cohort costs;
 - with ``--app``: the Streamlit server's resident memory (VmRSS, and VmHWM,
   its peak) after visiting every page in headless Chromium.
 
@@ -38,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -132,6 +135,13 @@ def engine_cases(store: Store, task: str) -> dict[str, Callable[[], object]]:
     cases["error tree: load frame (all images)"] = load_all_images
     cases["error tree: fit (all images)"] = lambda: fit_error_tree(loaded["frame"], TreeSettings(), catalog=catalog)
     if task == "detection":
+        from core.metrics.detection import _cohort_det_counts
+
+        # The least any detection query on the cohort does: read its detections (a floor for the
+        # confusion matrix, the metrics and TIDE), here only to count them per class.
+        every_class = np.arange(len(store.classes))
+        cases["cohort's detections counted (floor)"] = lambda: _cohort_det_counts(
+            store, MODEL, selection, every_class)
         cases["metrics at a new IoU (0.75), all images"] = lambda: detection_metrics(
             store, MODEL, None, iou=0.75, evaluation=evaluations[0])
         cases["metrics table at a new score threshold (5 rows)"] = lambda: [
