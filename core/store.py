@@ -499,12 +499,13 @@ class Store:
             try:
                 return fetch(cur, list(params or []))
             except duckdb.CatalogException:
-                # A derived table this query names was dropped for a newer one meanwhile.
+                # A derived table this query names may have been dropped for a newer one meanwhile:
+                # compute the ones it names again, once.
                 with self._lock:
-                    dropped = [name for name in self._derived if name in sql and name in self._materialized]
-                    for name in dropped:
-                        del self._materialized[name]
-                if attempt or not dropped:
+                    named = [name for name in self._derived if name in sql]
+                    for name in named:
+                        self._materialized.pop(name, None)
+                if attempt or not named:
                     raise
             finally:
                 cur.close()

@@ -234,5 +234,15 @@ def test_a_query_retries_when_its_derived_table_was_dropped_meanwhile(base):
     store = Store(base)
     name = store.derived(("all",), "SELECT image_id FROM images")
     assert store.scalar(f"SELECT count(*) FROM {name}") == 3
-    store.cursor().execute(f"DROP TABLE {name}")  # as another thread's eviction would
-    assert store.scalar(f"SELECT count(*) FROM {name}") == 3
+
+    def evicted_then_read(cur, params):
+        if not evicted:  # another thread's eviction, between this query's check and its run
+            evicted.append(store._materialized.pop(name))
+            store.cursor().execute(f"DROP TABLE {name}")
+        return cur.execute(f"SELECT count(*) FROM {name}", params).fetchall()
+
+    evicted = []
+    assert store._run(f"SELECT count(*) FROM {name}", [], evicted_then_read) == [(3,)]
+    assert evicted == [None]
+    with pytest.raises(Exception, match="no_such_table"):  # a table no query may name stays an error
+        store.rows(f"SELECT count(*) FROM {name}, no_such_table")
