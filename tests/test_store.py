@@ -246,3 +246,30 @@ def test_a_query_retries_when_its_derived_table_was_dropped_meanwhile(base):
     assert evicted == [None]
     with pytest.raises(Exception, match="no_such_table"):  # a table no query may name stays an error
         store.rows(f"SELECT count(*) FROM {name}, no_such_table")
+
+
+def test_derived_tables_stay_right_under_threads_that_evict_each_other(base, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(store_mod, "DERIVED_TABLES_KEPT", 2)
+    write_part(base, "images", images_frame(list(range(3, 40))))
+    store = Store(base)
+    names = {k: store.derived(("above", k), "SELECT image_id FROM images WHERE image_id >= ?", [k]) for k in range(6)}
+    failures = []
+
+    def reader(seed: int) -> None:
+        for step in range(30):
+            k = (seed * 7 + step) % 6
+            try:
+                if store.scalar(f"SELECT count(*) FROM {names[k]}") != 40 - k:
+                    failures.append(k)
+            except Exception as error:  # noqa: BLE001 - every failure is reported below
+                failures.append(repr(error))
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert _materialized_count(store) <= 2
