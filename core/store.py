@@ -430,10 +430,15 @@ class Store:
     # -- queries (a cursor per query: safe from several threads)
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
-        with self._lock:
-            if self._con is None:
-                raise StoreError("store is closed", file=str(self.paths.base))
-            return self._con.cursor()
+        return self._cursor_for("")
+
+    @staticmethod
+    def _execute(con: duckdb.DuckDBPyConnection, sql: str, params: list | tuple = ()) -> None:
+        cur = con.cursor()
+        try:
+            cur.execute(sql, list(params))
+        finally:
+            cur.close()
 
     def derived(self, key: tuple, sql: str, params: list | tuple = ()) -> str:
         """The name (schema-qualified, quoted) of a table holding ``sql``'s rows, for this store's
@@ -458,22 +463,14 @@ class Store:
             if name not in self._derived:
                 return  # forgotten: the query naming it fails as for any unknown table
             body, params = self._derived[name]
-        cur = con.cursor()
-        try:
-            cur.execute(f"CREATE TABLE IF NOT EXISTS {name} AS {body}", params)
-        finally:
-            cur.close()
+        self._execute(con, f"CREATE TABLE IF NOT EXISTS {name} AS {body}", params)
         with self._lock:
             if self._con is not con:
                 return
             self._materialized[name] = None
             while len(self._materialized) > DERIVED_TABLES_KEPT:
                 oldest, _ = self._materialized.popitem(last=False)
-                cur = con.cursor()
-                try:
-                    cur.execute(f"DROP TABLE IF EXISTS {oldest}")
-                finally:
-                    cur.close()
+                self._execute(con, f"DROP TABLE IF EXISTS {oldest}")
 
     def _cursor_for(self, sql: str) -> duckdb.DuckDBPyConnection:
         """A cursor on the current connection, with every derived table ``sql`` names in it."""
