@@ -1,10 +1,9 @@
 """Data analysis charts: any two of metadata, labels, predictions and outcome, aggregated or point by point.
 
-Rows come from the cohort compiler's frame (``core.cohorts.cohort_rows``);
-aggregates are binned and counted here with numpy before anything reaches the
-browser, and individual points are a seeded random sample when the cohort is
-large, so a chart of a million images sends a few thousand marks. Only the
-small results are cached, never a cohort's full rows.
+Aggregates are counted by DuckDB (``core.distribution``), so a chart of a
+million images reads a few hundred counts; individual points are a seeded
+random sample when the cohort is large, so the browser gets a few thousand
+marks. Only these small results are cached.
 """
 
 from __future__ import annotations
@@ -15,16 +14,15 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from core.cohorts import ColumnInfo, cohort_rows
+from core.cohorts import ColumnInfo
+from core.distribution import COUNT, is_numeric, point_sample, value_names, with_other
+from core.distribution import distribution as cohort_distribution
 
 from .charts import OUTCOME_COLORS
 from .explorer import open_image
 from .state import View
 
-MAX_POINTS = 5_000  # individual datapoints drawn at most (a random sample beyond)
-MAX_CATEGORIES = 30  # categories shown on an axis; the rest are counted as "other"
-SAMPLE_SEED = 0
-COUNT = "count"  # the y choice "number of images"
+SAMPLE_SEED = 0  # the dither's jitter
 MODES = {"aggregate": "Aggregate", "points": "Individual datapoints"}
 _NONE = ""
 
@@ -42,23 +40,8 @@ def axis_columns(view: View) -> dict[str, ColumnInfo]:
     return dict(sorted(out.items(), key=lambda kv: (order.get(kv[1].source, 4), kv[1].label.lower())))
 
 
-def is_numeric(info: ColumnInfo) -> bool:
-    return info.values == "number" and info.kind != "categorical" and not info.is_list
-
-
 def _names(view: View, values: pd.Series, info: ColumnInfo) -> pd.Series:
-    """Class ids as class names, flags as yes/no, missing as "missing", everything else as text (vectorised)."""
-    missing = values.isna().to_numpy()
-    if info.values == "class":
-        names = np.asarray([*view.classes, "missing"], dtype=object)
-        ids = np.where(missing, len(view.classes), pd.to_numeric(values, errors="coerce").fillna(-1).to_numpy())
-        ids = ids.astype(np.int64)
-        ids[(ids < 0) | (ids > len(view.classes))] = len(view.classes)
-        return pd.Series(names[ids], index=values.index)
-    if info.values == "boolean":
-        flags = values.fillna(False).astype(bool).to_numpy()
-        return pd.Series(np.where(missing, "missing", np.where(flags, "yes", "no")), index=values.index)
-    return values.astype(object).where(~missing, "missing").astype(str)
+    return with_other(value_names(values, info, view.classes))
 
 
 def _colour_scale(name: str, present: pd.Series) -> alt.Scale | alt.UndefinedType:
@@ -71,59 +54,7 @@ def _colour_scale(name: str, present: pd.Series) -> alt.Scale | alt.UndefinedTyp
     return alt.Scale(domain=shown, range=[OUTCOME_COLORS[palette[v]] for v in shown])
 
 
-def _categories(values: pd.Series) -> pd.Series:
-    """At most ``MAX_CATEGORIES`` most frequent values kept; the rest become "other"."""
-    counts = values.value_counts()
-    if len(counts) <= MAX_CATEGORIES:
-        return values
-    keep = set(counts.index[:MAX_CATEGORIES - 1])
-    return values.where(values.isin(keep), "other")
-
-
 # --------------------------------------------------------------------------- aggregates
-
-
-def numeric_bins(values: np.ndarray, bins: int, log: bool) -> np.ndarray:
-    """Edges of ``bins`` equal-width bins (equal in log space when ``log`` and every value is positive)."""
-    finite = values[np.isfinite(values)]
-    if log and len(finite) and finite.min() > 0:
-        return np.geomspace(finite.min(), finite.max(), bins + 1) if finite.max() > finite.min() \
-            else np.array([finite.min(), finite.min() * 1.0001])
-    return np.histogram_bin_edges(finite, bins=bins) if len(finite) else np.array([0.0, 1.0])
-
-
-def aggregate(view: View, rows: pd.DataFrame, x: str, y: str, color: str, *, bins: int, log_x: bool) -> pd.DataFrame:
-    """Per x group (numeric bin or category), and per colour value: image count, or y's mean."""
-    infos = axis_columns(view)
-    frame = pd.DataFrame(index=rows.index)
-    x_info = infos[x]
-    if is_numeric(x_info):
-        values = rows[x].to_numpy(dtype=float)
-        edges = numeric_bins(values, bins, log_x)
-        index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
-        present = np.isfinite(values)
-        frame = frame.assign(x_start=np.where(present, edges[index], np.nan),
-                             x_end=np.where(present, edges[index + 1], np.nan))
-        frame = frame[present]
-        keys = ["x_start", "x_end"]
-    else:
-        values = rows[x].explode() if x_info.is_list else rows[x]
-        frame = pd.DataFrame({"x": _categories(_names(view, values, x_info))}, index=values.index)
-        keys = ["x"]
-    if color:
-        c_info = infos[color]
-        colour_values = rows[color].loc[frame.index].reset_index(drop=True)
-        colours = _categories(_names(view, colour_values, c_info)) if not is_numeric(c_info) else \
-            pd.cut(colour_values.astype(float), bins=min(bins, 6)).astype(str)
-        frame["color"] = colours.to_numpy()
-        keys.append("color")
-    if y == COUNT:
-        out = frame.groupby(keys, dropna=False, sort=True).size().rename("value").reset_index()
-    else:
-        frame["y"] = rows[y].loc[frame.index].astype(float).to_numpy()
-        grouped = frame.groupby(keys, dropna=False, sort=True)["y"]
-        out = grouped.mean().rename("value").reset_index().assign(images=grouped.size().to_numpy())
-    return out
 
 
 def aggregate_chart(view: View, table: pd.DataFrame, x: str, y: str, color: str, *, log_x: bool,
@@ -165,11 +96,6 @@ def aggregate_chart(view: View, table: pd.DataFrame, x: str, y: str, color: str,
 # --------------------------------------------------------------------------- points
 
 
-def sample_rows(rows: pd.DataFrame, limit: int = MAX_POINTS) -> pd.DataFrame:
-    """All rows, or a seeded uniform sample of ``limit`` of them."""
-    return rows if len(rows) <= limit else rows.sample(n=limit, random_state=SAMPLE_SEED).sort_index()
-
-
 def _dithered(values: pd.Series, rng: np.random.Generator) -> np.ndarray:
     """Numbers moved by up to half their smallest step, so equal values spread into a visible cloud."""
     numbers = values.to_numpy(dtype=float)
@@ -192,7 +118,7 @@ def points_chart(view: View, rows: pd.DataFrame, x: str, y: str, color: str, *, 
             scale = alt.Scale(type="log") if log and positive else alt.Scale(zero=False)
             encodings[axis] = (alt.X if axis == "x" else alt.Y)(f"{axis}:Q", title=info.label, scale=scale)
         else:
-            frame[axis] = _categories(_names(view, rows[name], info)).to_numpy()
+            frame[axis] = _names(view, rows[name], info).to_numpy()
             order = sorted(frame[axis].unique().tolist())
             encodings[axis] = (alt.X if axis == "x" else alt.Y)(f"{axis}:N", title=info.label, sort=order)
             if dither:
@@ -208,7 +134,7 @@ def points_chart(view: View, rows: pd.DataFrame, x: str, y: str, color: str, *, 
             frame["color"] = rows[color].to_numpy(dtype=float)
             encodings["color"] = alt.Color("color:Q", title=info.label, scale=alt.Scale(scheme="viridis"))
         else:
-            frame["color"] = _categories(_names(view, rows[color], info)).to_numpy()
+            frame["color"] = _names(view, rows[color], info).to_numpy()
             encodings["color"] = alt.Color("color:N", title=info.label, scale=_colour_scale(color, frame["color"]))
         tooltip.append(alt.Tooltip("color:" + ("Q" if is_numeric(info) else "N"), title=info.label))
     click = alt.selection_point(name="point", fields=["image_id"], on="click", empty=False)
@@ -219,11 +145,6 @@ def points_chart(view: View, rows: pd.DataFrame, x: str, y: str, color: str, *, 
 # --------------------------------------------------------------------------- cached data
 
 
-def _rows(view: View, columns: list[str]) -> pd.DataFrame:
-    return cohort_rows(view.store, view.cohort, view.model_id, columns=columns, order_by="image_id",
-                       state=view.state, catalog=view.catalog, **view.thresholds)
-
-
 def _key(view: View) -> tuple:
     sql, params = view.selection()
     return view.store_key, sql, tuple(map(str, params)), view.model_id, tuple(sorted(view.thresholds.items()))
@@ -232,15 +153,15 @@ def _key(view: View) -> tuple:
 @st.cache_data(show_spinner="Aggregating…", max_entries=64)
 def _aggregated(_view: View, key: tuple, x: str, y: str, color: str, bins: int, log_x: bool
                 ) -> tuple[pd.DataFrame, int]:
-    # Only the small aggregate is cached: the cohort's rows are read, counted and dropped.
-    rows = _rows(_view, list(dict.fromkeys(["image_id", x, *([y] if y != COUNT else []), *([color] if color else [])])))
-    return aggregate(_view, rows, x, y, color, bins=bins, log_x=log_x), len(rows)
+    counted = cohort_distribution(_view.store, _view.cohort, _view.model_id, x, y, color or None, bins=bins,
+                                  log_x=log_x, state=_view.state, catalog=_view.catalog, **_view.thresholds)
+    return counted.table, counted.images_total
 
 
 @st.cache_data(show_spinner="Sampling…", max_entries=64)
 def _sampled(_view: View, key: tuple, columns: tuple[str, ...]) -> tuple[pd.DataFrame, int]:
-    rows = _rows(_view, list(columns))
-    return sample_rows(rows), len(rows)
+    return point_sample(_view.store, _view.cohort, _view.model_id, list(columns), state=_view.state,
+                        catalog=_view.catalog, **_view.thresholds)
 
 
 # --------------------------------------------------------------------------- the view

@@ -1482,11 +1482,7 @@ def cohort_rows(store: Store, cohort: Cohort | ParsedQuery, model_id: str | None
     if offset:
         page.add(" OFFSET ?", [offset])
     if limit is None:
-        frame, params = _frame_for(store, catalog, model_id, [*wanted, *sorted(needed), *order_names], thresholds,
-                                   where=compiled)
-        sql = _Sql(f"SELECT {', '.join(q(c) for c in wanted)} FROM ({frame}) AS f", params)
-        if where.text:
-            sql.add(f" WHERE {where.text}", where.params)
+        sql = _rows_sql(store, catalog, model_id, wanted, thresholds, compiled, order_names)
         sql.add(ordering(""))
         if offset:
             sql.add(" OFFSET ?", [offset])
@@ -1499,6 +1495,32 @@ def cohort_rows(store: Store, cohort: Cohort | ParsedQuery, model_id: str | None
                f"FROM ({frame}) AS f JOIN pg ON f.{q('image_id')} = pg.{q('image_id')}", page.params + params)
     sql.add(ordering("pg."))
     return store.query(sql.text, sql.params)
+
+
+def cohort_rows_sql(store: Store, cohort: Cohort | ParsedQuery, model_id: str | None, columns: Sequence[str], *,
+                    iou: float = 0.5, score_threshold: float = 0.5, label_threshold: float = 0.5,
+                    state: "StateDB | None" = None, catalog: Catalog | None = None) -> tuple[str, list]:
+    """``(sql, params)`` of all the cohort's frame rows, ``columns`` only, in no set order: for
+    queries that aggregate the rows themselves (``core.distribution``)."""
+    catalog = catalog or catalog_of(store, state)
+    available = catalog.frame_columns(with_model=model_id is not None)
+    for name in columns:
+        if name not in available:
+            raise CohortError(f"unknown column {_show(name)}", field=name, choices=list(available))
+    thresholds = {"iou": iou, "score_threshold": score_threshold, "label_threshold": label_threshold}
+    sql = _rows_sql(store, catalog, model_id, list(dict.fromkeys(columns)), thresholds,
+                    _where(cohort, catalog, state, store))
+    return sql.text, sql.params
+
+
+def _rows_sql(store: Store, catalog: Catalog, model_id: str | None, wanted: list[str], thresholds: dict,
+              compiled: _Where, extra: Sequence[str] = ()) -> _Sql:
+    frame, params = _frame_for(store, catalog, model_id, [*wanted, *sorted(compiled.needed), *extra], thresholds,
+                               where=compiled)
+    sql = _Sql(f"SELECT {', '.join(quote_identifier(c) for c in wanted)} FROM ({frame}) AS f", params)
+    if compiled.sql.text:
+        sql.add(f" WHERE {compiled.sql.text}", compiled.sql.params)
+    return sql
 
 
 def cohort_count(store: Store, cohort: Cohort | ParsedQuery, model_id: str | None, *, iou: float = 0.5,
