@@ -134,6 +134,24 @@ def test_categorical_features_are_held_once_per_value(multiclass):
                                        check_names=False)
 
 
+def test_frame_is_in_image_order_whatever_order_the_query_returns(multiclass, monkeypatch):
+    store, images, wrong = multiclass
+    features = ["site", "camera", "brightness", "altitude", "indoor"]
+    ordered = load_error_frame(store, Cohort(), "m", features)
+    read = store.arrow
+    shuffle = np.random.default_rng(0).permutation(len(images))
+    monkeypatch.setattr(store, "arrow", lambda sql, params=None: read(sql, params).take(shuffle))
+    shuffled = load_error_frame(store, Cohort(), "m", features)
+    assert ordered.image_ids.tolist() == shuffled.image_ids.tolist() == images["image_id"].tolist()
+    pd.testing.assert_frame_equal(ordered.features, shuffled.features)
+    np.testing.assert_array_equal(shuffled.target, wrong.astype(float))
+    np.testing.assert_array_equal(shuffled.errors, wrong.astype(float))
+    expected = images.set_index("image_id")
+    np.testing.assert_array_equal(shuffled.features["altitude"].to_numpy(), expected["altitude"].to_numpy())
+    assert shuffled.features["site"].astype(object).where(shuffled.features["site"].notna(), None).tolist() == \
+        expected["site"].tolist()
+
+
 def test_sampled_fit_counts_every_image(multiclass):
     store, _, wrong = multiclass
     frame = load_error_frame(store, Cohort(), "m", ["brightness", "camera"])
