@@ -41,9 +41,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
+from .arrow_columns import categorical, columns_of, image_order, numbers
 from .cohorts import (Catalog, Cohort, ColumnInfo, Filter, catalog_of, compile_cohort, describe, frame_sql,
                       quote_identifier)
 from .errors import CohortError
@@ -237,30 +236,14 @@ def load_error_frame(store: Store, cohort: Cohort, model_id: str, features: Sequ
     # Put in image order here, not by ``ORDER BY``: DuckDB's sort of a million wide rows, the
     # Arrow result and the columns converted from it all took memory at once.
     table = store.arrow(sql, target_params + errors_params + frame_params + selection_params)
-    image_ids = table.column("image_id").to_numpy().astype(np.int64)
-    order = np.argsort(image_ids, kind="stable")
-    columns = {name: table.column(name) for name in table.column_names}
+    order = image_order(table)
+    columns = columns_of(table)
     del table  # each Arrow column is freed as soon as it is converted
-
-    def numbers(name: str) -> np.ndarray:
-        return columns.pop(name).to_numpy().astype(np.float64, copy=False)[order]
-
-    data = {}
-    for i, spec in enumerate(specs):
-        # Each distinct category held once: a million strings would take ~10 MiB per feature.
-        data[spec.name] = numbers(f"c{i}") if spec.kind == "numeric" else _categorical(columns.pop(f"c{i}"), order)
-    return ErrorFrame(image_ids[order], pd.DataFrame(data, columns=names, copy=False), specs, numbers("target"),
-                      numbers("errors"), target, tuple(catalog.classes))
-
-
-def _categorical(column: pa.ChunkedArray, order: np.ndarray) -> pd.Categorical:
-    """``column`` taken in ``order``, as pandas would read it (sorted categories; null and NaN missing)."""
-    values = pc.drop_null(pc.unique(column))
-    if pa.types.is_floating(values.type):
-        values = values.filter(pc.invert(pc.is_nan(values)))
-    values = values.take(pc.sort_indices(values))
-    codes = pc.fill_null(pc.index_in(column, value_set=values), -1).to_numpy()
-    return pd.Categorical.from_codes(codes[order], categories=pd.Index(values.to_pandas()))
+    data = {spec.name: (numbers if spec.kind == "numeric" else categorical)(columns.pop(f"c{i}"), order)
+            for i, spec in enumerate(specs)}
+    return ErrorFrame(columns.pop("image_id").to_numpy()[order].astype(np.int64),
+                      pd.DataFrame(data, columns=names, copy=False), specs, numbers(columns.pop("target"), order),
+                      numbers(columns.pop("errors"), order), target, tuple(catalog.classes))
 
 
 # --------------------------------------------------------------------------- readable numbers

@@ -33,12 +33,15 @@ import logging
 import math
 from dataclasses import dataclass
 import sys
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .cohorts import Catalog, Cohort, Filter, catalog_of, filter_sql, format_number, frame_sql, to_query
+from .arrow_columns import categorical, numbers
+from .cohorts import (Catalog, Cohort, Filter, catalog_of, filter_sql, format_number, frame_sql, quote_identifier,
+                      to_query)
 from .errors import EvalError
 from .store import Store
 
@@ -125,19 +128,22 @@ def bin_edges(values: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray | None
 
 
 def numeric_predicates(column: str, label: str, values: np.ndarray, *, bins: int = DEFAULT_BINS,
-                       codes: np.ndarray | None = None) -> list[tuple[Predicate, np.ndarray]]:
+                       codes: np.ndarray | None = None, edges: np.ndarray | None = None
+                       ) -> list[tuple[Predicate, np.ndarray]]:
     """Quantile bins ``[lo, hi)`` of a numeric column, with missing values as a bin of their own.
 
     A column with at most ``bins`` distinct values gets one equality predicate
     per value instead. ``codes`` (the number of edges each value is at or
     above, from ``bin_codes_sql``) makes membership follow the cohort
     compiler's own comparison, so a slice's size is its cohort's count to the
-    image; without it, values are compared with the edges in float64.
+    image; without it, values are compared with the edges in float64. ``edges``: ``bin_edges(values,
+    bins)``, which ``codes`` count, when the caller has it.
     """
     values = np.asarray(values, dtype=np.float64)
     present = ~np.isnan(values)
     out: list[tuple[Predicate, np.ndarray]] = []
-    edges = bin_edges(values, bins)
+    if edges is None:
+        edges = bin_edges(values, bins)
     if edges is None:
         for v in np.unique(values[present]):
             value = _plain(v)
@@ -378,48 +384,47 @@ def sliceable_columns(catalog: Catalog) -> list[str]:
                   and info.values in ("number", "boolean", "text", "class"))
 
 
-def prepare_search(frame: pd.DataFrame, catalog: Catalog, columns: list[str], *, min_size: int,
-                   bins: int = DEFAULT_BINS, codes: dict[str, np.ndarray] | None = None) -> SliceSearch:
-    """Predicates and bit columns for ``frame`` (one row per evaluated image, an ``error`` column).
+class _SearchBuilder:
+    """Predicates gathered column by column, each kept bit-packed (1/8 of a bool mask) as soon as found."""
 
-    ``codes``: per binned numeric column, the compiler's bin of each row (see ``numeric_predicates``).
-    """
-    predicates: list[Predicate] = []
-    packed: list[np.ndarray] = []  # each predicate's bits as soon as it is found: 1/8 of a bool mask
-    feature_of: list[int] = []
-    codes = codes or {}
-    for feature, name in enumerate(columns):
-        info = catalog.columns[name]
-        if info.values == "number":
-            found = numeric_predicates(name, info.label, _numbers(frame[name]), bins=bins, codes=codes.get(name))
-        else:
-            series = frame[name]
-            if info.values == "class":
-                # Class names in the query: parsing reads a name before an id.
-                series = series.map(lambda v: None if pd.isna(v) else catalog.classes[int(v)])
-            found = categorical_predicates(name, info.label, series, min_size=min_size)
+    def __init__(self, errors: np.ndarray, min_size: int):
+        self.errors, self.min_size, self.n = np.asarray(errors, dtype=bool), min_size, len(errors)
+        self.predicates: list[Predicate] = []
+        self.packed: list[np.ndarray] = []
+        self.feature_of: list[int] = []
+
+    def add(self, feature: int, found: list[tuple[Predicate, np.ndarray]]) -> None:
         for predicate, mask in found:
             # Smaller predicates can never be part of a slice; one holding every image says nothing.
-            if min_size <= mask.sum() < len(frame):
-                predicates.append(predicate)
-                packed.append(pack_bits(np.asarray(mask, dtype=bool)[None, :])[0])
-                feature_of.append(feature)
-    errors = frame["error"].to_numpy(dtype=bool)
-    n = len(frame)
-    bits = np.stack(packed) if packed else np.zeros((0, -(-n // 64)), dtype=np.uint64)
-    return SliceSearch(tuple(predicates), np.array(feature_of, dtype=np.int64), bits,
-                       pack_bits(errors[None, :])[0], n, int(errors.sum()))
+            if self.min_size <= mask.sum() < self.n:
+                self.predicates.append(predicate)
+                self.packed.append(pack_bits(np.asarray(mask, dtype=bool)[None, :])[0])
+                self.feature_of.append(feature)
+
+    def search(self) -> SliceSearch:
+        bits = np.stack(self.packed) if self.packed else np.zeros((0, -(-self.n // 64)), dtype=np.uint64)
+        return SliceSearch(tuple(self.predicates), np.array(self.feature_of, dtype=np.int64), bits,
+                           pack_bits(self.errors[None, :])[0], self.n, int(self.errors.sum()))
 
 
-def _by_image(table: pa.Table) -> pd.DataFrame:
-    """``table``'s rows by image id, as pandas. Sorted here rather than by ``ORDER BY``, and
-    converted column by column as Arrow frees them: at a million images the frame's read then
-    peaks at about two thirds of the memory that ``ORDER BY`` and DuckDB's pandas conversion took."""
-    order = np.argsort(table.column("image_id").to_numpy(), kind="stable")
-    frame = table.take(order).to_pandas(self_destruct=True, split_blocks=True)
-    del table
-    pa.default_memory_pool().release_unused()
-    return frame
+def _categories_of(name: str, values: pd.Series, catalog: Catalog, min_size: int
+                   ) -> list[tuple[Predicate, np.ndarray]]:
+    info = catalog.columns[name]
+    if info.values == "class":
+        # Class names in the query: parsing reads a name before an id.
+        values = values.map(lambda v: None if pd.isna(v) else catalog.classes[int(v)])
+    return categorical_predicates(name, info.label, values, min_size=min_size)
+
+
+def prepare_search(frame: pd.DataFrame, catalog: Catalog, columns: list[str], *, min_size: int,
+                   bins: int = DEFAULT_BINS) -> SliceSearch:
+    """Predicates and bit columns for ``frame`` (one row per evaluated image, an ``error`` column)."""
+    builder = _SearchBuilder(frame["error"].to_numpy(dtype=bool), min_size)
+    for feature, name in enumerate(columns):
+        info = catalog.columns[name]
+        builder.add(feature, numeric_predicates(name, info.label, _numbers(frame[name]), bins=bins)
+                    if info.values == "number" else _categories_of(name, frame[name], catalog, min_size))
+    return builder.search()
 
 
 def _numbers(series: pd.Series) -> np.ndarray:
@@ -430,29 +435,36 @@ def store_search(store: Store, catalog: Catalog, model_id: str, columns: list[st
                  min_size: int | None = None, bins: int = DEFAULT_BINS) -> tuple[SliceSearch, bool, int]:
     """The search over a model's evaluated images: (search, whether every image was evaluated, min size).
 
-    Two passes over the frame: one reads the values (for the quantile edges),
-    one lets the compiler's own filters put each value in its bin.
+    One column at a time, so a million images never hold more than one column's
+    values: its values (for the quantile edges), then the compiler's own filters
+    put each value in its bin, and its predicates are kept as bits.
     """
-    sql, params = frame_sql(store, model_id, columns=["image_id", "error", *columns], catalog=catalog, **thresholds)
-    frame = _by_image(store.arrow(sql, params))
-    evaluated = frame["error"].notna().to_numpy()
-    edges = {name: bin_edges(_numbers(frame.loc[evaluated, name]), bins) for name in columns
-             if catalog.columns[name].values == "number"}
-    binned = {name: e for name, e in edges.items() if e is not None and len(e)}
-    codes: dict[str, np.ndarray] = {}
-    if binned:
-        expressions, code_params = [], []
-        for index, (name, column_edges) in enumerate(binned.items()):
-            text, values = bin_codes_sql(name, column_edges, catalog)
-            expressions.append(f"{text} AS vl_code_{index}")
-            code_params += values
-        coded = _by_image(store.arrow(f"SELECT f.image_id, {', '.join(expressions)} FROM ({sql}) AS f",
-                                      code_params + params))
-        codes = {name: coded[f"vl_code_{index}"].to_numpy()[evaluated] for index, name in enumerate(binned)}
-    frame = frame[evaluated].reset_index(drop=True)
-    size_floor = default_min_size(len(frame)) if min_size is None else max(1, int(min_size))
-    search = prepare_search(frame, catalog, columns, min_size=size_floor, bins=bins, codes=codes)
-    return search, bool(evaluated.all()), size_floor
+    q = quote_identifier
+
+    def by_image(name: str, expression: str = "", params: Sequence = ()) -> pa.ChunkedArray:
+        sql, frame_params = frame_sql(store, model_id, columns=["image_id", name], catalog=catalog, **thresholds)
+        return store.arrow(f"SELECT {expression or 'f.' + q(name)} FROM ({sql}) AS f ORDER BY f.{q('image_id')}",
+                           [*params, *frame_params]).column(0)
+
+    error = by_image("error")
+    evaluated = error.is_valid().to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(evaluated)
+    errors = error.fill_null(False).to_numpy(zero_copy_only=False)[rows]
+    size_floor = default_min_size(len(rows)) if min_size is None else max(1, int(min_size))
+    builder = _SearchBuilder(errors, size_floor)
+    for feature, name in enumerate(columns):
+        if catalog.columns[name].values != "number":
+            values = pd.Series(categorical(by_image(name), rows))
+            builder.add(feature, _categories_of(name, values, catalog, size_floor))
+            continue
+        values = numbers(by_image(name), rows)
+        edges, codes = bin_edges(values, bins), None
+        if edges is not None and len(edges):
+            text, code_params = bin_codes_sql(name, edges, catalog)
+            codes = by_image(name, text, code_params).to_numpy()[rows]
+        builder.add(feature, numeric_predicates(name, catalog.columns[name].label, values, bins=bins, codes=codes,
+                                                edges=edges))
+    return builder.search(), bool(evaluated.all()), size_floor
 
 
 def find_slices(store: Store | str, model_id: str | None = None, *, iou: float = 0.5,

@@ -256,14 +256,3 @@ def test_demo_nuisance_factors_are_the_top_slices(demo_multiclass):
     for found in (baseline, candidate):
         for columns, s in zip(columns_of(found), found):
             assert columns & (NUISANCE_COLUMNS | NUISANCE_MEASUREMENTS), s.description
-
-
-def test_frames_are_read_in_image_order_whatever_order_the_query_returns():
-    import pyarrow as pa
-
-    from core.slices import _by_image
-
-    table = pa.table({"image_id": [5, 1, 3, 2], "brightness": [0.5, 0.1, 0.3, 0.2], "site": ["e", "a", "c", "b"]})
-    frame = _by_image(table)
-    assert frame["image_id"].tolist() == [1, 2, 3, 5]
-    assert frame["brightness"].tolist() == [0.1, 0.2, 0.3, 0.5] and frame["site"].tolist() == ["a", "b", "c", "e"]
