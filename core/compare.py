@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+import pyarrow.compute as pc
 import pandas as pd
 
 from .cohorts import (Catalog, ParsedQuery, ViewState, catalog_of, compile_cohort, frame_sql, parse_query,
@@ -356,11 +357,11 @@ vl_gts AS (
            sum(bit_count(in_both & b_found & ~c_found)) AS missed,
            sum(bit_count(in_both & c_found & ~b_found)) AS newly_found
     FROM vl_words GROUP BY image_id)
-SELECT i.image_id, coalesce(d.b_fp, 0)::BIGINT AS b_fp, coalesce(d.c_fp, 0)::BIGINT AS c_fp,
-       coalesce(g.b_fn, 0)::BIGINT AS b_fn, coalesce(g.c_fn, 0)::BIGINT AS c_fn,
-       coalesce(g.gts, 0)::BIGINT AS gts, coalesce(g.b_tp, 0)::BIGINT AS b_tp,
-       coalesce(g.c_tp, 0)::BIGINT AS c_tp, coalesce(g.missed, 0)::BIGINT AS missed,
-       coalesce(g.newly_found, 0)::BIGINT AS newly_found
+SELECT i.image_id, coalesce(d.b_fp, 0)::INTEGER AS b_fp, coalesce(d.c_fp, 0)::INTEGER AS c_fp,
+       coalesce(g.b_fn, 0)::INTEGER AS b_fn, coalesce(g.c_fn, 0)::INTEGER AS c_fn,
+       coalesce(g.gts, 0)::INTEGER AS gts, coalesce(g.b_tp, 0)::INTEGER AS b_tp,
+       coalesce(g.c_tp, 0)::INTEGER AS c_tp, coalesce(g.missed, 0)::INTEGER AS missed,
+       coalesce(g.newly_found, 0)::INTEGER AS newly_found
 FROM images AS i LEFT JOIN vl_det AS d USING (image_id) LEFT JOIN vl_gts AS g USING (image_id)
 """
 
@@ -376,7 +377,7 @@ def _detection_per_image(store: Store, baseline: str, candidate: str, thresholds
     ids = table.column("image_id").to_numpy().astype(np.int64)
 
     def per_image(name: str) -> np.ndarray:
-        values = np.zeros(n, np.int64)
+        values = np.zeros(n, np.int32)  # an image's count of boxes: 4 bytes, 4 MiB per million images
         values[ids] = table.column(name).to_numpy()
         return values
 
@@ -385,7 +386,7 @@ def _detection_per_image(store: Store, baseline: str, candidate: str, thresholds
     evaluated = np.zeros(n, bool)
     evaluated[ids] = True
     disagree = (b_fp != c_fp) | (missed > 0) | (newly_found > 0)
-    total = {name: int(table.column(name).to_numpy().sum()) for name in ("gts", "b_tp", "c_tp")}
+    total = {name: int(pc.sum(table.column(name)).as_py() or 0) for name in ("gts", "b_tp", "c_tp")}
     counts = {"ground_truths": total["gts"], "baseline_tp": total["b_tp"],
               "candidate_tp": total["c_tp"], "newly_missed": int(missed.sum()),
               "newly_found": int(newly_found.sum()), "baseline_fp": int(b_fp.sum()), "candidate_fp": int(c_fp.sum())}
