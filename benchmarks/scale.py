@@ -11,7 +11,8 @@ For each chosen task and size, builds (or reuses) a synthetic store
   per site), the error-analysis tree (the frame of the cohort and of all
   images, and the fit on all images; the fit uses a uniform sample of at most
   ``TreeSettings.max_fit_rows`` images, as the page states), one image-grid
-  page deep in a large cohort (``cohort_rows`` with LIMIT/OFFSET), and for
+  page deep in a large cohort (``cohort_rows`` with LIMIT/OFFSET), the data
+  analysis chart's counts (``core.distribution``), and for
   detection the metrics at an IoU and a score threshold not asked for before
   (the cohorts' evaluations cached, as the model overview keeps them), TIDE
   errors, and how long merely counting the cohort's detections takes: the
@@ -46,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.cohorts import catalog_of, cohort_count, cohort_rows, compile_cohort, parse_query  # noqa: E402
+from core.distribution import distribution  # noqa: E402
 from core.error_analysis import TreeSettings, fit_error_tree, load_error_frame  # noqa: E402
 from core.store import Store, StorePaths  # noqa: E402
 from core.synthetic import SITES, build_synthetic_store  # noqa: E402
@@ -124,6 +126,8 @@ def engine_cases(store: Store, task: str) -> dict[str, Callable[[], object]]:
         "image grid page (offset half the cohort)": lambda: cohort_rows(
             store, cohort, MODEL, columns=["image_id", "uri", "brightness", "site"], order_by="-brightness",
             limit=48, offset=half, catalog=catalog),
+        "data analysis chart (cohort, brightness by outcome)": lambda: distribution(
+            store, cohort, MODEL, "brightness", "count", "outcome", catalog=catalog),
     }
     loaded = {}
 

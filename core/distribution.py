@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,9 @@ import pandas as pd
 from .cohorts import Catalog, Cohort, ColumnInfo, ParsedQuery, catalog_of, cohort_rows_sql, quote_identifier
 from .errors import CohortError
 from .store import Store
+
+if TYPE_CHECKING:
+    from .state import StateDB
 
 COUNT = "count"  # the y choice "number of images"
 MAX_CATEGORIES = 30  # categories kept on an axis or in a legend; the rest are counted as "other"
@@ -92,7 +96,7 @@ class Distribution:
 
 def distribution(store: Store, cohort: Cohort | ParsedQuery, model_id: str | None, x: str, y: str = COUNT,
                  color: str | None = None, *, bins: int = 20, log_x: bool = False, iou: float = 0.5,
-                 score_threshold: float = 0.5, label_threshold: float = 0.5, state=None,
+                 score_threshold: float = 0.5, label_threshold: float = 0.5, state: "StateDB | None" = None,
                  catalog: Catalog | None = None) -> Distribution:
     """The cohort's images per x group and colour: counted, or y averaged (missing y skipped).
 
@@ -197,7 +201,7 @@ def distribution(store: Store, cohort: Cohort | ParsedQuery, model_id: str | Non
 
 def point_sample(store: Store, cohort: Cohort | ParsedQuery, model_id: str | None, columns: list[str], *,
                  limit: int = MAX_POINTS, iou: float = 0.5, score_threshold: float = 0.5,
-                 label_threshold: float = 0.5, state=None, catalog: Catalog | None = None
+                 label_threshold: float = 0.5, state: "StateDB | None" = None, catalog: Catalog | None = None
                  ) -> tuple[pd.DataFrame, int]:
     """(rows, the cohort's images): all the cohort's rows when it holds at most ``limit`` images, else
     a seeded pseudo-random ``limit`` of them (those whose id hashes lowest), in image order."""

@@ -60,7 +60,7 @@ PARTS_IN_MEMORY_BYTES = 64 * 1024 * 1024  # of Parquet, over every table (a few 
 # DuckDB keeps the blocks a reader has scanned cached up to its memory limit (80% of RAM by
 # default): over a gigabyte after a few pages of a 3 GB store. Readers get a smaller limit and
 # spill joins, aggregates and sorts past it to a temporary folder of their own.
-READ_MEMORY_LIMIT = "256MB"
+READ_MEMORY_LIMIT = "128MB"
 READ_MEMORY_LIMIT_ENV = "VISIONLENS_MEMORY_LIMIT"
 # Derived tables a reader keeps, least recently asked for dropped first (a detection model's
 # per-image counts at one pair of thresholds: about 16 MB at a million images).

@@ -167,7 +167,7 @@ def test_readers_have_a_memory_limit_and_spill_folder_of_their_own(base, monkeyp
     setting = "SELECT current_setting('memory_limit'), current_setting('temp_directory')"
     limit, spill = Store(base).rows(setting)[0]
     _, other_spill = Store(base).rows(setting)[0]
-    assert limit == "244.1 MiB" and spill != other_spill  # READ_MEMORY_LIMIT, 256 MB
+    assert limit == "122.0 MiB" and spill != other_spill  # READ_MEMORY_LIMIT, 128 MB
     monkeypatch.setenv(store_mod.READ_MEMORY_LIMIT_ENV, "2GB")
     assert Store(base).rows(setting)[0][0] == "1.8 GiB"
     monkeypatch.setenv(store_mod.READ_MEMORY_LIMIT_ENV, "plenty")
