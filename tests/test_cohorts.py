@@ -566,7 +566,7 @@ def test_large_selections_stay_fast_and_links_stay_short(store, catalog):
     big = C.selection_cohort(range(0, 20000, 2))
     assert C.cohort_count(store, big, "m1") == 6  # 0, 2, …, 10 exist
     sql, params = C.compile_cohort(big, store, model_id="m1")
-    assert sql.count("?") == 1 and len(params[0]) == 10000  # one list parameter, not 10,000
+    assert "?" not in sql and not params and "derived." in sql  # the 10,000 ids: a table of the store, bound once
     state = StateDB.for_store(store.paths.base)
     parsed = C.ParsedQuery(big, ViewState(model="m1"))
     link = state.short_query(parsed)
@@ -579,3 +579,33 @@ def test_large_selections_stay_fast_and_links_stay_short(store, catalog):
     assert C.cohort_count(store, linked, "m1") == C.cohort_count(store, filtered, "m1") == 12
     assert C.to_query(C.parse_query("width__gt=5", catalog)) == state.short_query(C.parse_query("width__gt=5",
                                                                                                    catalog))
+
+
+def test_large_value_sets_are_a_table_of_the_store(store, catalog, monkeypatch):
+    """Past LARGE_VALUE_SET values, in/notin read the values from a derived table: the same images."""
+    odd = tuple(range(1, 2 * C.LARGE_VALUE_SET + 3, 2))  # more values than the limit; ids 1, 3, .., 11 stored
+    cases = [(Filter("image_id", "in", odd), [1, 3, 5, 7, 9, 11]),
+             (Filter("image_id", "notin", odd), [0, 2, 4, 6, 8, 10]),
+             (Filter("camera", "in", ("canon", "nikon", *(f"c{i}" for i in range(C.LARGE_VALUE_SET)))), [0, 1, 7, 8, 11]),
+             (Filter("brightness", "notin", (0.1, 0.2, *(i + 0.5 for i in range(C.LARGE_VALUE_SET)))),
+              [2, 3, 5, 6, 7, 8, 9, 10, 11])]  # 0.1, 0.2 and 0.5 (image 4) are in the set
+    for f, ids in cases:
+        sql, params = C.compile_cohort(Cohort((f,)), store, model_id=None, catalog=catalog)
+        assert "derived." in sql and all(not isinstance(p, list) or len(p) < 100 for p in params)
+        assert sorted(r[0] for r in store.rows(sql, params)) == ids, f
+        monkeypatch.setattr(C, "LARGE_VALUE_SET", 10 ** 9)  # the list parameter: the same images
+        sql, params = C.compile_cohort(Cohort((f,)), store, model_id=None, catalog=catalog)
+        assert "derived." not in sql and sorted(r[0] for r in store.rows(sql, params)) == ids, f
+        monkeypatch.undo()
+    state = StateDB.for_store(store.paths.base)
+    saved = state.create_cohort("odd ones", C.selection_cohort(odd))
+    assert C.cohort_count(store, Cohort(parent_id=saved.id), None, state=state) == 6
+    assert C.cohort_count(store, Cohort((Filter("flag", "eq", True),), parent_id=saved.id), None, state=state) == 4
+    state.delete_cohort(saved.id)
+
+
+def test_number_sets_sort_as_numbers_and_mixed_sets_by_kind():
+    assert Filter("image_id", "in", (5, 3, 3, 10)).value == (3, 5, 10)
+    assert Filter("camera", "in", ("b", 2, "a", 1.5)).value == (1.5, 2, "a", "b")
+    numbers, texts = Filter("x", "in", (2, 1)), Filter("x", "in", ("a",))
+    assert Cohort((texts, numbers)).filters == (numbers, texts)  # keys of either kind compare
