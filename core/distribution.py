@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .cohorts import Catalog, Cohort, ColumnInfo, ParsedQuery, catalog_of, cohort_rows_sql, quote_identifier
+from .cohorts import Catalog, Cohort, ColumnInfo, ParsedQuery, catalog_of, cohort_count, cohort_rows_sql, quote_identifier
 from .errors import CohortError
 from .store import Store
 
@@ -115,28 +115,37 @@ def distribution(store: Store, cohort: Cohort | ParsedQuery, model_id: str | Non
     if color and infos[color].is_list:
         raise CohortError(f"{color} holds lists: an image has no single colour by it", field="color")
     q = quote_identifier
-    columns = list(dict.fromkeys(name for name in (x, y, color) if name and name != COUNT))
-    rows, params = cohort_rows_sql(store, cohort, model_id, columns, iou=iou, score_threshold=score_threshold,
-                                   label_threshold=label_threshold, state=state, catalog=catalog)
     x_info = infos[x]
     x_numeric, colour_numeric = is_numeric(x_info), bool(color) and is_numeric(infos[color])
     x_value = f"CAST(r.{q(x)} AS DOUBLE)" if x_numeric else (
         f"UNNEST(CASE WHEN len(r.{q(x)}) > 0 THEN r.{q(x)} ELSE [NULL] END)" if x_info.is_list else f"r.{q(x)}")
-    select = [f"{x_value} AS x"]
+    outputs = {"x": (x, f"{x_value} AS x")}  # by output name: x may also be y
     if color:
-        select.append(f"CAST(r.{q(color)} AS DOUBLE) AS c" if colour_numeric else f"r.{q(color)} AS c")
+        outputs["c"] = (color, f"CAST(r.{q(color)} AS DOUBLE) AS c" if colour_numeric else f"r.{q(color)} AS c")
     if y != COUNT:
-        select.append(f"CAST(r.{q(y)} AS DOUBLE) AS y")
-    source = f"(SELECT {', '.join(select)} FROM ({rows}) AS r) AS v"
+        outputs["y"] = (y, f"CAST(r.{q(y)} AS DOUBLE) AS y")
+
+    def source(names: list[str]) -> tuple[str, list]:
+        columns = [outputs[n][0] for n in names]
+        rows, params = cohort_rows_sql(store, cohort, model_id, columns, iou=iou, score_threshold=score_threshold,
+                                       label_threshold=label_threshold, state=state, catalog=catalog)
+        return f"(SELECT {', '.join(outputs[n][1] for n in names)} FROM ({rows}) AS r) AS v", params
+
     present = "isfinite(v.x)" if x_numeric else "true"
     finite_colour = f"{present} AND isfinite(v.c)"
+    # The extremes read only the binned columns: a colour by outcome then joins no detections.
+    counted, counted_params = source(["x", *(["c"] if colour_numeric else [])])
     stats = store.rows(
         f"SELECT count(*), min(v.x) FILTER (WHERE {present}), max(v.x) FILTER (WHERE {present}), "
         + (f"min(v.c) FILTER (WHERE {finite_colour}), max(v.c) FILTER (WHERE {finite_colour}) "
            if colour_numeric else "NULL, NULL ")
-        + f"FROM {source}", params)[0]
-    # An image counts once however many list elements it spreads over.
-    total = int(store.scalar(f"SELECT count(*) FROM ({rows}) AS r", params)) if x_info.is_list else int(stats[0])
+        + f"FROM {counted}", counted_params)[0]
+    if x_info.is_list:  # an image counts once however many list elements it spreads over
+        total = cohort_count(store, cohort, model_id, iou=iou, score_threshold=score_threshold,
+                             label_threshold=label_threshold, state=state, catalog=catalog)
+    else:
+        total = int(stats[0])
+    grouped, params = source(list(outputs))
     guesses, keys, key_params, guess_params = [], [], [], []
     if x_numeric:
         edges = numeric_bins(_number(stats[1]), _number(stats[2]), bins, log_x)
@@ -168,7 +177,7 @@ def distribution(store: Store, cohort: Cohort | ParsedQuery, model_id: str | Non
     groups = store.query(
         f"SELECT {', '.join(f'{k} AS {n}' for k, n in zip(keys, key_names))}, "
         f"{', '.join(f'{m} AS m{i}' for i, m in enumerate(measures))} "
-        f"FROM (SELECT v.*{''.join(', ' + g for g in guesses)} FROM {source} WHERE {present}) AS w GROUP BY ALL",
+        f"FROM (SELECT v.*{''.join(', ' + g for g in guesses)} FROM {grouped} WHERE {present}) AS w GROUP BY ALL",
         key_params + guess_params + params)
     table = pd.DataFrame(index=groups.index)
     if x_numeric:

@@ -133,6 +133,7 @@ CASES = [
     ("width", "count", "brightness"), ("true_label", "count", None), ("true_label", "score", "outcome"),
     ("pred_label", "count", "error"), ("site", "brightness", "width"), ("tags", "count", "objects"),
     ("flag", "objects", "site"), ("outcome", "count", "brightness"), ("objects", "brightness", None),
+    ("brightness", "brightness", "outcome"),  # x averaged over its own bins
 ]
 
 
