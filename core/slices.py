@@ -416,21 +416,6 @@ def _categories_of(name: str, values: pd.Series, catalog: Catalog, min_size: int
     return categorical_predicates(name, info.label, values, min_size=min_size)
 
 
-def prepare_search(frame: pd.DataFrame, catalog: Catalog, columns: list[str], *, min_size: int,
-                   bins: int = DEFAULT_BINS) -> SliceSearch:
-    """Predicates and bit columns for ``frame`` (one row per evaluated image, an ``error`` column)."""
-    builder = _SearchBuilder(frame["error"].to_numpy(dtype=bool), min_size)
-    for feature, name in enumerate(columns):
-        info = catalog.columns[name]
-        builder.add(feature, numeric_predicates(name, info.label, _numbers(frame[name]), bins=bins)
-                    if info.values == "number" else _categories_of(name, frame[name], catalog, min_size))
-    return builder.search()
-
-
-def _numbers(series: pd.Series) -> np.ndarray:
-    return pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-
-
 def store_search(store: Store, catalog: Catalog, model_id: str, columns: list[str], thresholds: dict, *,
                  min_size: int | None = None, bins: int = DEFAULT_BINS) -> tuple[SliceSearch, bool, int]:
     """The search over a model's evaluated images: (search, whether every image was evaluated, min size).
