@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import pyarrow.compute as pc
 import pandas as pd
+import pyarrow.compute as pc
 
 from .cohorts import (Catalog, ParsedQuery, ViewState, catalog_of, compile_cohort, frame_sql, parse_query,
                       selection_cohort, to_query)
