@@ -1537,10 +1537,6 @@ def cohort_rows_sql(store: Store, cohort: Cohort | ParsedQuery, model_id: str | 
     """``(sql, params)`` of all the cohort's frame rows, ``columns`` only, in no set order: for
     queries that aggregate the rows themselves (``core.distribution``)."""
     catalog = catalog or catalog_of(store, state)
-    available = catalog.frame_columns(with_model=model_id is not None)
-    for name in columns:
-        if name not in available:
-            raise CohortError(f"unknown column {_show(name)}", field=name, choices=list(available))
     thresholds = {"iou": iou, "score_threshold": score_threshold, "label_threshold": label_threshold}
     sql = _rows_sql(store, catalog, model_id, list(dict.fromkeys(columns)), thresholds,
                     _where(cohort, catalog, state, store))

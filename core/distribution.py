@@ -109,7 +109,7 @@ def distribution(store: Store, cohort: Cohort | ParsedQuery, model_id: str | Non
     catalog = catalog or catalog_of(store, state)
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise CohortError(f"bins must be a positive integer, got {bins!r}", field="bins")
-    infos = {name: _column(catalog, name) for name in (x, y, color) if name and name != COUNT}
+    infos = {name: catalog.column(name) for name in (x, y, color) if name and name != COUNT}
     if y != COUNT and not is_numeric(infos[y]):
         raise CohortError(f"{y} is not a number: it cannot be averaged", field="y")
     if color and infos[color].is_list:
@@ -223,12 +223,6 @@ def point_sample(store: Store, cohort: Cohort | ParsedQuery, model_id: str | Non
                          f"LIMIT ?) ORDER BY {q('image_id')}", params + [SAMPLE_SEED, int(limit)])
     total = int(store.scalar(f"SELECT count(*) FROM ({rows}) AS r", params)) if len(picked) == limit else len(picked)
     return picked.reset_index(drop=True), total
-
-
-def _column(catalog: Catalog, name: str) -> ColumnInfo:
-    if name not in catalog.columns:
-        raise CohortError(f"unknown column {name!r}", field=name, choices=list(catalog.columns))
-    return catalog.columns[name]
 
 
 def _number(value) -> float:

@@ -197,6 +197,8 @@ def test_bad_choices_are_clear_errors(store):
         distribution(store, Cohort(), "m", "brightness", color="tags")
     with pytest.raises(CohortError, match="unknown column"):
         distribution(store, Cohort(), "m", "nope")
+    with pytest.raises(CohortError, match="outcome needs a model"):
+        distribution(store, Cohort(), None, "brightness", color="outcome")
 
 
 def test_point_sample_is_seeded_and_in_image_order(store):
