@@ -103,16 +103,23 @@ def engine_cases(store: Store, task: str) -> dict[str, Callable[[], object]]:
         def metrics(sel, iou=0.5):
             return detection_metrics(store, MODEL, sel, iou=iou)
 
+        def metrics_table(selections):
+            return [metrics(s) for s in selections]
+
         # The model overview keeps each cohort's evaluation (every IoU threshold) in its cache, so a new
         # IoU or score threshold re-reads only the counts at the threshold.
         evaluations = [evaluate_cohort(store, MODEL, s) for s in [None, *site_selections]]
 
         confusion = lambda: confusion_matrix_detection(store, MODEL, selection, iou=0.5, score_threshold=0.5)  # noqa: E731
     else:
-        from core.metrics.classification import classification_metrics, confusion_matrix
+        from core.metrics.classification import (classification_metrics, classification_metrics_of_cohorts,
+                                                 confusion_matrix)
 
         def metrics(sel, iou=None):
             return classification_metrics(store, MODEL, sel)
+
+        def metrics_table(selections):  # the model overview counts every cohort in one scan
+            return classification_metrics_of_cohorts(store, MODEL, selections)
 
         confusion = lambda: confusion_matrix(store, MODEL, selection)  # noqa: E731
     errors = parse_query(ERROR_COHORT, catalog).cohort
@@ -120,7 +127,7 @@ def engine_cases(store: Store, task: str) -> dict[str, Callable[[], object]]:
         "cohort count": lambda: cohort_count(store, cohort, MODEL, catalog=catalog),
         "cohort count, images with an error": lambda: cohort_count(store, errors, MODEL, catalog=catalog),
         "confusion matrix (cohort)": confusion,
-        "metrics per cohort table (5 rows)": lambda: [metrics(s) for s in [None, *site_selections]],
+        "metrics per cohort table (5 rows)": lambda: metrics_table([None, *site_selections]),
         "metrics, one cohort": lambda: metrics(selection),
         "error tree: load frame": lambda: load_error_frame(store, cohort, MODEL, TREE_FEATURES, catalog=catalog),
         "image grid page (offset half the cohort)": lambda: cohort_rows(

@@ -1363,8 +1363,7 @@ class Selection(tuple):
         """``SELECT columns`` of the cohort's frame rows for ``model_id``, or None when
         the filter reads another model's columns (then join on the image ids)."""
         catalog = catalog_of(store)
-        reads_model = any(catalog.columns[c].needs_model for c in self.filter_columns if c in catalog.columns)
-        if reads_model and model_id != self.model_id:
+        if self._reads_another_model(catalog, model_id):
             return None
         frame, params = _frame_for(store, catalog, model_id, [*columns, *self.filter_columns], self.thresholds)
         q = quote_identifier
@@ -1372,6 +1371,33 @@ class Selection(tuple):
         if self.where:
             return f"{sql} WHERE {self.where}", params + self.where_params
         return sql, params
+
+    def _reads_another_model(self, catalog: Catalog, model_id: str | None) -> bool:
+        """Whether the filter reads the columns of a model other than ``model_id``."""
+        reads_model = any(catalog.columns[c].needs_model for c in self.filter_columns if c in catalog.columns)
+        return reads_model and model_id != self.model_id
+
+
+def shared_frame(store: Store, model_id: str | None, selections: Sequence[Selection | None],
+                 columns: Sequence[str]) -> tuple[str, list, list[tuple[str, list]]] | None:
+    """One frame of ``columns`` for several cohorts, and each one's condition over its rows
+    (``TRUE`` for None, every image): one scan then aggregates them all, a ``FILTER`` per cohort.
+
+    Returns ``(frame sql, params, [(condition, params), ...])``, or None when the cohorts can't
+    share a frame: one filters on another model's columns, or they differ in thresholds.
+    """
+    catalog = catalog_of(store)
+    chosen = [s for s in selections if s is not None]
+    if not all(isinstance(s, Selection) and not s._reads_another_model(catalog, model_id) for s in chosen):
+        return None
+    if len({tuple(sorted(s.thresholds.items())) for s in chosen}) > 1:
+        return None
+    filter_columns = [c for s in chosen for c in s.filter_columns]
+    frame, params = _frame_for(store, catalog, model_id, [*columns, *filter_columns],
+                               chosen[0].thresholds if chosen else {})
+    conditions = [(s.where, list(s.where_params)) if s is not None and s.where else ("TRUE", [])
+                  for s in selections]
+    return frame, params, conditions
 
 
 def compile_cohort(cohort: Cohort | ParsedQuery, store: Store, *, model_id: str | None,

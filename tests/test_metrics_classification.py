@@ -223,3 +223,30 @@ def test_probability_at_the_threshold_counts_as_predicted(ml):
     assert y_pred[0, 1]  # 0.7f is not below the threshold 0.7 once both are float32
     frame = C.cohort_rows(store, C.Cohort(), "m", label_threshold=0.7, columns=["pred_label"], limit=1)
     assert 1 in list(frame["pred_label"].iloc[0])
+
+
+def test_metrics_of_many_cohorts_equal_each_cohorts_own(mc):
+    """The overview's table counts its cohorts in one scan, a FILTER each, in order."""
+    store, _ = mc
+    catalog = C.catalog_of(store)
+    queries = ["brightness__lt=0.4", "true_label__in=a,e&brightness__gte=0.2", "outcome__eq=incorrect",
+               "brightness__lt=-1", ""]
+    selections = [None, *(C.compile_cohort(C.parse_query(q, catalog), store, model_id="m") for q in queries)]
+    assert C.shared_frame(store, "m", selections, ["true_label"]) is not None
+    other_threshold = C.compile_cohort(C.parse_query(queries[2], catalog), store, model_id="m", iou=0.3)
+    assert C.shared_frame(store, "m", [selections[1], other_threshold], ["true_label"]) is None
+    for chosen in (selections, [*selections[:3], other_threshold]):
+        together = M.classification_metrics_of_cohorts(store, "m", chosen)
+        assert len(together) == len(chosen)
+        for result, selection in zip(together, chosen):
+            alone = M.classification_metrics(store, "m", selection)
+            assert result.keys() == alone.keys()
+            for key, value in alone.items():
+                if key == "per_class":
+                    pd.testing.assert_frame_equal(result[key], value)
+                elif key in ("confusion", "labels"):
+                    np.testing.assert_array_equal(result[key], value)
+                else:
+                    assert result[key] == pytest.approx(value, nan_ok=True), key
+    assert [r["n_evaluated"] + r["n_missing"] for r in M.classification_metrics_of_cohorts(store, "m", selections)] \
+        == [N, *(C.cohort_count(store, C.parse_query(q, catalog).cohort, "m") for q in queries)]

@@ -101,12 +101,16 @@ def test_metrics_table_is_drawn_once_unless_the_metrics_are_slow(app, monkeypatc
     show = overview._show_table
     monkeypatch.setattr(overview, "_show_table", lambda target, frame, *a: (drawn.append(frame),
                                                                              show(target, frame, *a)))
-    app("store=demo-multiclass", OVERVIEW)
-    assert len(drawn) == 1 and drawn[0]["Images"].ne("N/A").all()
-    drawn.clear()
+    for task in ("multiclass", "multilabel"):
+        app(f"store=demo-{task}", OVERVIEW)
+        assert len(drawn) == 1 and drawn[0]["Images"].ne("N/A").all()
+        drawn.clear()
     monkeypatch.setattr(overview, "PARTIAL_TABLE_AFTER_S", -1.0)  # every cohort counts as slow
-    app("store=demo-multiclass", OVERVIEW)
+    app("store=demo-multilabel", OVERVIEW)
     assert [frame["Images"].eq("N/A").sum() for frame in drawn] == [2, 1, 0]
+    drawn.clear()
+    app("store=demo-multiclass", OVERVIEW)  # every cohort in one scan: nothing to draw meanwhile
+    assert len(drawn) == 1 and drawn[0]["Images"].ne("N/A").all()
 
 
 def test_help_me_choose_restores_the_recommended_metrics(app):

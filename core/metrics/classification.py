@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..cohorts import Selection, quote_identifier as q
+from ..cohorts import Selection, quote_identifier as q, shared_frame
 from ..errors import EvalError
 from ..store import Store
 
@@ -222,6 +222,35 @@ def classification_metrics(store: Store, model_id: str, selection: Selection | N
     predicted) and ``confusion`` (counts, every class).
     """
     cm, missing = _pair_counts(store, model_id, selection, with_missing=True)
+    return _metrics_from_counts(store, cm, missing, labels)
+
+
+def classification_metrics_of_cohorts(store: Store, model_id: str,
+                                      selections: Sequence[Selection | None]) -> list[dict]:
+    """``classification_metrics`` of each selection (the model overview's table), all counted
+    in two scans of one frame when they can share it, else one by one."""
+    shared = shared_frame(store, model_id, selections, ["true_label", "pred_label"]) if len(selections) > 1 else None
+    if shared is None:
+        return [classification_metrics(store, model_id, s) for s in selections]
+    _check_model(store, model_id)
+    frame, params, conditions = shared
+    tallies = ", ".join(f"count(*) FILTER (WHERE {condition})" for condition, _ in conditions)
+    condition_params = [p for _, values in conditions for p in values]
+    rows = store.rows(f"WITH f AS ({frame}) SELECT true_label, pred_label, {tallies} FROM f "
+                      "WHERE true_label IS NOT NULL AND pred_label IS NOT NULL GROUP BY ALL",
+                      params + condition_params)
+    n_classes = len(store.classes)
+    confusions = np.zeros((len(selections), n_classes, n_classes), dtype=np.int64)
+    if rows:
+        counts = np.array(rows, dtype=np.int64)
+        confusions[:, counts[:, 0], counts[:, 1]] = counts[:, 2:].T  # GROUP BY: each pair once
+    # The images of each cohort, predicted or not (those the pairs lack are the missing ones).
+    images, image_params, _ = shared_frame(store, model_id, selections, ["image_id"])
+    totals = store.rows(f"WITH f AS ({images}) SELECT {tallies} FROM f", image_params + condition_params)[0]
+    return [_metrics_from_counts(store, cm, int(total) - int(cm.sum())) for cm, total in zip(confusions, totals)]
+
+
+def _metrics_from_counts(store: Store, cm: np.ndarray, missing: int, labels: Sequence[int] | None = None) -> dict:
     scores = scores_from_confusion(cm, labels)
     per_class = pd.DataFrame({
         "class_id": np.arange(len(cm)), "class": store.classes,
