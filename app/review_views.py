@@ -18,7 +18,7 @@ import streamlit as st
 
 from core.cohorts import Cohort, frame_sql
 from core.label_quality import TABLE as QUALITY_TABLE
-from core.label_quality import latest_sql
+from core.label_quality import has_probabilities, latest_sql
 from core.state import STATUSES
 
 from . import image_card, nav
@@ -39,7 +39,13 @@ def _has_run(view: View, table: str) -> bool:
     return bool(view.query(f'SELECT count(*) AS n FROM "{table}" WHERE "model_id" = ?', [view.model_id])["n"].iloc[0])
 
 
-def _missing(view: View, what: str, command: str) -> None:
+def _missing(view: View, what: str, command: str, *, reruns_model: bool = False) -> None:
+    """How to compute ``what`` (``visionlens command``), or why it can't be for this model."""
+    if reruns_model and not view.model_params().get("loader"):
+        st.info(f"The {what} needs the model's image features: model **{view.model_id}** was stored from a "
+                "predictions file, so it cannot be re-run here. Ingest it with `--model module:function` "
+                "to compute them.", icon=":material/info:")
+        return
     st.info(f"No {what} for model **{view.model_id}** yet. Compute it with\n\n"
             f"```\nvisionlens {command} {view.store.paths.base} --model {view.model_id}\n```\n"
             "and reload this page.", icon=":material/pending_actions:")
@@ -72,6 +78,11 @@ def _kind_text(kinds: object) -> str:
 
 def flagged_labels(view: View) -> None:
     if not _has_run(view, QUALITY_TABLE):
+        if view.task != "detection" and not has_probabilities(view.store, view.model_id):
+            st.info(f"Label quality needs class probabilities, and model **{view.model_id}** stored none. "
+                    "Ingest its predictions with a `probs` column (one probability per class, in class "
+                    "order), then run `visionlens label-quality`.", icon=":material/info:")
+            return
         _missing(view, "label-quality scores", "label-quality")
         return
     sql, params = latest_sql(QUALITY_TABLE, view.model_id)
@@ -173,7 +184,7 @@ def embedding_map(view: View) -> None:
     from core.embeddings import EMBEDDINGS_TABLE  # imports torch
 
     if not _has_run(view, EMBEDDINGS_TABLE):
-        _missing(view, "embedding map", "embeddings")
+        _missing(view, "embedding map", "embeddings", reruns_model=True)
         return
     choices = _colour_columns(view)
     colour = st.selectbox("Colour by", list(choices), format_func=choices.get, key="vl_review_colour")
@@ -249,7 +260,7 @@ def near_duplicates(view: View) -> None:
     from core.embeddings import DUPLICATES_TABLE, EMBEDDINGS_TABLE  # imports torch
 
     if not _has_run(view, EMBEDDINGS_TABLE):
-        _missing(view, "near-duplicate search", "embeddings")
+        _missing(view, "near-duplicate search", "embeddings", reruns_model=True)
         return
     pairs = pd.DataFrame()
     if view.store.has_table(DUPLICATES_TABLE):

@@ -209,7 +209,18 @@ def _check_model(store: Store, model_id: str) -> None:
         raise EvalError(f"unknown model {model_id!r}", field="model", choices=store.model_ids())
 
 
+def has_probabilities(store: Store, model_id: str) -> bool:
+    """Whether ``model_id`` stored class probabilities (``probs``) for some image: a classification
+    model's label quality needs them; a model ingested from a table without them has none."""
+    return "probs" in store.table_columns("predictions") and bool(store.scalar(
+        'SELECT count(*) FROM "predictions" WHERE "model_id" = ? AND "probs" IS NOT NULL', [model_id]))
+
+
 def _classification(store: Store, model_id: str, method: str) -> pd.DataFrame:
+    if not has_probabilities(store, model_id):
+        raise EvalError(f"model {model_id!r} stored no class probabilities ('probs'); label quality needs them: "
+                        "ingest its predictions with a probs column (one probability per class, in class order)",
+                        field="probs")
     n_classes = len(store.classes)
     data = store.arrow(
         'SELECT i."image_id", i."true_label", p."probs" FROM "images" AS i '

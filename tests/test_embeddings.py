@@ -179,6 +179,14 @@ def test_review_page(store_path, monkeypatch):
     probs = np.random.default_rng(3).dirichlet([.3, .3, .3], 40).astype(np.float32)
     add_model(store_path, ModelRun("sure", "sure", {}, pd.DataFrame({"image_id": np.arange(40), "probs": list(probs)})))
     assert any("No label-quality scores" in i.value for i in page(None, "sure").info)
+    # Stored from a file: the page says what the model lacks rather than a command that would fail.
+    assert any("cannot be re-run" in i.value for i in page("map", "sure").info)
+    assert not any("visionlens embeddings" in i.value for i in page("duplicates", "sure").info)
+    add_model(store_path, ModelRun("labels-only", "labels-only", {}, pd.DataFrame(
+        {"image_id": np.arange(40), "pred_label": np.arange(40) % 3, "score": np.ones(40, np.float32)})))
+    assert any("needs class probabilities" in i.value for i in page(None, "labels-only").info)
+    with pytest.raises(EvalError, match="stored no class probabilities"):
+        write_label_quality(store_path, "labels-only")
     flagged, _ = write_label_quality(store_path, "sure")
     at = page(None, "sure")
     first = int(flagged.loc[flagged["label_issue"]].sort_values(["label_quality_score", "image_id"])["image_id"].iloc[0])
