@@ -27,7 +27,7 @@ def features(view: View) -> dict[str, str]:
     """Image columns one can group by (metadata, not labels or model outputs): name → label."""
     out = {}
     for name, info in view.catalog.columns.items():
-        if name in ("image_id", "true_label") or info.needs_model or info.is_list or info.values == "cast":
+        if info.is_identifier or name == "true_label" or info.needs_model or info.is_list or info.values == "cast":
             continue
         out[name] = info.label
     user_first = sorted(out, key=lambda n: (view.catalog.columns[n].source != "user", out[n].lower()))

@@ -31,7 +31,7 @@ def axis_columns(view: View) -> dict[str, ColumnInfo]:
     """Columns one can chart: metadata, labels, predictions and outcome (model columns need a model)."""
     out = {}
     for name, info in view.catalog.columns.items():
-        if name == "image_id" or info.values == "cast":
+        if info.is_identifier or info.values == "cast":
             continue
         if info.needs_model and view.model_id is None:
             continue

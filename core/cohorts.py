@@ -401,6 +401,9 @@ _SPECIAL_LABELS = {
 }
 
 
+IDENTIFIER_COLUMNS = ("image_id", "source_id")
+
+
 @dataclass(frozen=True)
 class ColumnInfo:
     """A filterable column: how its values are read from a URL and bound in SQL.
@@ -423,6 +426,11 @@ class ColumnInfo:
     @property
     def needs_model(self) -> bool:
         return self.source == "model"
+
+    @property
+    def is_identifier(self) -> bool:
+        """An image's id (or its id in the source dataset): filterable, never a feature to analyse."""
+        return self.name in IDENTIFIER_COLUMNS
 
     @property
     def ops(self) -> tuple[str, ...]:

@@ -121,7 +121,7 @@ class Feature:
 
 def feature_of(info: ColumnInfo, catalog: Catalog) -> Feature | None:
     """The column as a feature, or None when it cannot be one (lists, timestamps, model outputs)."""
-    if info.is_list or info.values not in ("number", "text", "boolean", "class") or info.name == "image_id":
+    if info.is_list or info.values not in ("number", "text", "boolean", "class") or info.is_identifier:
         return None
     if info.needs_model and not (catalog.task == "multiclass" and info.name in ("pred_label", "score")):
         return None  # error and outcome are the target; detection/multilabel predictions are lists

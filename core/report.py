@@ -244,7 +244,7 @@ def _group_features(store: Store, catalog: Catalog, features: Sequence[str] | No
                 raise EvalError(f"cannot group by {name!r}", field="features",
                                 choices=sorted(n for n, i in catalog.columns.items() if i.source != "model"))
         return list(features)
-    user = [n for n, i in catalog.columns.items() if i.source == "user" and not i.is_list
+    user = [n for n, i in catalog.columns.items() if i.source == "user" and not i.is_list and not i.is_identifier
             and i.values in ("number", "text", "boolean")]
     chosen = []
     for name in user:

@@ -380,7 +380,7 @@ def sliceable_columns(catalog: Catalog) -> list[str]:
     quantile or equality on them would not read as a cohort filter.
     """
     return sorted(name for name, info in catalog.columns.items()
-                  if info.source != "model" and name != "image_id" and not info.is_list
+                  if info.source != "model" and not info.is_identifier and not info.is_list
                   and info.values in ("number", "boolean", "text", "class"))
 
 

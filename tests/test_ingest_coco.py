@@ -277,6 +277,16 @@ def test_ingest_coco_end_to_end(tmp_path, capsys):
     dets = store.query("SELECT * FROM det_boxes ORDER BY det_id")
     assert dets["image_id"].tolist() == [0, 3, 2] and dets["class_id"].tolist() == [0, 2, 0]
     assert store.scalar("SELECT count(*) FROM thumbnails") == 4
+    # The COCO id filters a cohort, but is no feature to analyse, chart, slice or balance.
+    from core.cohorts import catalog_of, cohort_count, parse_query
+    from core.error_analysis import available_features
+    from core.slices import sliceable_columns
+
+    catalog = catalog_of(store)
+    assert cohort_count(store, parse_query("source_id__gte=102", catalog).cohort, None) == 2
+    assert catalog.columns["source_id"].is_identifier
+    assert "source_id" not in {f.name for f in available_features(catalog)} | set(sliceable_columns(catalog))
+    assert {"site", "brightness"} <= {f.name for f in available_features(catalog)}
     store.close()
 
     # A second results file later: added to the same store as parts, joined by COCO image id.
