@@ -21,7 +21,7 @@ from PIL import Image
 from core import heatmap
 from core.cohorts import Cohort, Filter
 from core.explain import available_explanations, load_explanation
-from core.exif import read_exif, upright
+from core.exif import read_exif, turn_boxes, upright
 from core.metrics.detection import image_objects
 
 from . import urlsync
@@ -104,6 +104,9 @@ def _picture(view: View, image_id: int, uri: str, objects: pd.DataFrame | None) 
     if explained is not None:
         method, target, data, signed = explained
         image = heatmap.overlay(image, data, signed=signed, cmap="RdBu_r" if signed else "inferno")
+    # Shown as the thumbnails and photo viewers show it; boxes (stored frame) are turned with it.
+    stored_size = image.size
+    image = upright(image, orientation)
     factor = max(1, DISPLAY_SIDE // max(image.size))
     if factor > 1:
         image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
@@ -111,10 +114,10 @@ def _picture(view: View, image_id: int, uri: str, objects: pd.DataFrame | None) 
         shown = st.pills("Boxes", list(BOX_STATUSES), default=["tp", "fp", "fn"], selection_mode="multi",
                          format_func=BOX_STATUSES.get, key=f"vl_fly_boxes_{image_id}")
         boxes = _boxes_to_draw(view, objects, set(shown or ()))
-        boxes[["xmin", "ymin", "xmax", "ymax"]] *= factor
+        corners = ["xmin", "ymin", "xmax", "ymax"]
+        boxes[corners] = turn_boxes(boxes[corners].to_numpy(), *stored_size, orientation) * factor
         image = heatmap.draw_boxes(image, boxes)
-    # Drawn in the stored frame, shown as the thumbnails and photo viewers show it.
-    st.image(upright(image, orientation), width="stretch")
+    st.image(image, width="stretch")
     if explained is None:
         _compute_explanation(view, image_id)
 

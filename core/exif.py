@@ -10,6 +10,7 @@ import logging
 import math
 from datetime import datetime
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -119,3 +120,38 @@ def upright(image: Image.Image, orientation: object) -> Image.Image:
     for op in _ORIENTATION_OPS.get(code, ()):
         image = image.transpose(op)
     return image
+
+
+# Where a stored-frame point (x, y) of an image stored w x h lands once the image is turned upright,
+# per EXIF orientation; and back. Rotations and flips map boxes to boxes: each box's two corners are
+# mapped and re-sorted.
+def _turned_points(x: np.ndarray, y: np.ndarray, w: np.ndarray, h: np.ndarray, code: np.ndarray,
+                   *, inverse: bool) -> tuple[np.ndarray, np.ndarray]:
+    if inverse:  # (x, y) is an upright point; w, h the stored size
+        cases = {2: (w - x, y), 3: (w - x, h - y), 4: (x, h - y), 5: (y, x), 6: (y, h - x), 7: (w - y, h - x),
+                 8: (w - y, x)}
+    else:
+        cases = {2: (w - x, y), 3: (w - x, h - y), 4: (x, h - y), 5: (y, x), 6: (h - y, x), 7: (h - y, w - x),
+                 8: (y, w - x)}
+    conditions = [code == c for c in cases]
+    return (np.select(conditions, [p[0] for p in cases.values()], x),
+            np.select(conditions, [p[1] for p in cases.values()], y))
+
+
+def orientation_codes(orientation: object) -> np.ndarray:
+    """EXIF orientations as integers 1..8 (missing or invalid: 1, as stored)."""
+    values = pd.to_numeric(pd.Series(np.atleast_1d(np.asarray(orientation, dtype=object))), errors="coerce")
+    return values.where(values.between(1, 8), 1).fillna(1).to_numpy(np.int64)
+
+
+def turn_boxes(boxes: np.ndarray, width: object, height: object, orientation: object, *,
+               to_upright: bool = True) -> np.ndarray:
+    """``(n, 4)`` boxes ``xmin, ymin, xmax, ymax`` of images stored ``width`` x ``height`` (one per
+    box, or one for all) moved from the stored frame to the upright one (how ``upright`` shows the
+    image), or back with ``to_upright=False``."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    w, h = (np.broadcast_to(np.asarray(v, dtype=np.float64), len(boxes)) for v in (width, height))
+    code = np.broadcast_to(orientation_codes(orientation), len(boxes)) if len(boxes) else np.ones(0, np.int64)
+    x0, y0 = _turned_points(boxes[:, 0], boxes[:, 1], w, h, code, inverse=not to_upright)
+    x1, y1 = _turned_points(boxes[:, 2], boxes[:, 3], w, h, code, inverse=not to_upright)
+    return np.stack([np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1)], axis=1)

@@ -78,17 +78,23 @@ def test_the_probability_chart_follows_the_shown_image(folder, app):
 
 
 def test_the_picture_is_shown_upright_with_its_boxes(folder, app, monkeypatch):
-    """Boxes are drawn in the stored frame, then the picture turns by its EXIF orientation, as
-    the thumbnails and photo viewers show it."""
+    """The picture turns by its EXIF orientation, as the thumbnails and photo viewers show it, and
+    its boxes (stored frame) turn with it: drawn on the upright picture, their labels upright too."""
     import streamlit as st
     from PIL import Image
+
+    from core import heatmap
 
     store = Store(folder / "demo-detection")
     uri = Path(store.query('SELECT uri FROM "images" WHERE image_id = 0')["uri"].iloc[0])
     original = uri.read_bytes()
-    shown = []
-    draw = st.image
+    shown, drawn = [], []
+    draw, draw_boxes = st.image, heatmap.draw_boxes
     monkeypatch.setattr(st, "image", lambda image, *a, **k: shown.append(image) or draw(image, *a, **k))
+    monkeypatch.setattr(heatmap, "draw_boxes", lambda image, boxes, *a, **k: (
+        drawn.append((image.size, boxes[["xmin", "ymin", "xmax", "ymax"]].to_numpy())),
+        draw_boxes(image, boxes, *a, **k))[1])
+    pictures = {}
     try:
         for orientation in (1, 6):
             with Image.open(uri) as image:
@@ -97,13 +103,21 @@ def test_the_picture_is_shown_upright_with_its_boxes(folder, app, monkeypatch):
                 exif[0x0112] = orientation
                 image.convert("RGB").save(uri, format=image.format or "PNG", exif=exif)
             shown.clear()
+            drawn.clear()
             at = app("store=demo-detection&image=0", page="pages/explorer.py")
             assert not at.exception
             picture = next(i for i in shown if isinstance(i, Image.Image))
             upright_size = stored_size if orientation == 1 else stored_size[::-1]  # 6: a quarter turn
             assert picture.size[0] * upright_size[1] == picture.size[1] * upright_size[0]  # same shape, scaled
+            assert len(drawn) == 1 and drawn[0][0] == picture.size  # boxes drawn on the upright picture
+            pictures[orientation] = drawn[0]
     finally:
         uri.write_bytes(original)
+    (_, height), boxes = pictures[1]
+    xmin, ymin, xmax, ymax = boxes.T
+    # Orientation 6 turns the picture a quarter clockwise: (x, y) goes to (height - y, x).
+    np.testing.assert_allclose(pictures[6][1], np.stack([height - ymax, xmin, height - ymin, xmax], axis=1))
+    assert len(boxes)
 
 
 def test_an_unreadable_file_shows_its_thumbnail_without_boxes(folder, app):
