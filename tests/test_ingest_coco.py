@@ -297,3 +297,48 @@ def test_ingest_coco_end_to_end(tmp_path, capsys):
     assert store.model_ids() == ["Faster-RCNN", "second"]
     assert store.rows("SELECT image_id, class_id FROM det_boxes WHERE model_id = 'second'") == [(1, 1)]
     store.close()
+
+
+def test_boxes_drawn_on_upright_photos_are_stored_in_the_stored_frame(tmp_path, capsys):
+    """The json gives a quarter-turned photo (EXIF 6, stored 40 x 30) as 30 x 40: its boxes, and
+    the predictions read from files with them, were drawn upright; they are moved to the stored
+    pixels, where models and maps work. --exif-boxes stored keeps them as given."""
+    turned = [{"id": 100, "file_name": "val2017/000.jpg", "width": 30, "height": 40},
+              {"id": 101, "file_name": "val2017/001.jpg", "width": 40, "height": 30},
+              {"id": 102, "file_name": "val2017/002.jpg", "width": 40, "height": 30}]
+    annotations = [{"id": 1, "image_id": 100, "category_id": 3, "bbox": [2, 5, 10, 20]},
+                   {"id": 2, "image_id": 101, "category_id": 3, "bbox": [2, 5, 10, 20]},
+                   {"id": 3, "image_id": 102, "category_id": 3, "bbox": [2, 5, 10, 20]}]
+    gt = coco_gt(tmp_path, annotations=annotations)
+    data = json.loads(gt.read_text())
+    gt.write_text(json.dumps({**data, "images": turned}))
+    for name, orientation in (("000.jpg", 6), ("001.jpg", 3)):
+        path = tmp_path / "val2017" / name
+        with Image.open(path) as image:
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            image.convert("RGB").save(path, exif=exif)
+    res = write_results(tmp_path, [{"image_id": i, "category_id": 3, "bbox": [2, 5, 10, 20], "score": 0.9}
+                                   for i in (100, 101, 102)])
+    # Stored 40 x 30: EXIF 6 turns (x, y) to (30 - y, x), so upright [2, 5, 12, 25] was [5, 18, 25, 28];
+    # EXIF 3 turns (x, y) to (40 - x, 30 - y), so it was [28, 5, 38, 25]; image 102 is not turned.
+    expected = [[5, 18, 25, 28], [28, 5, 38, 25], [2, 5, 12, 25]]
+    corners = "xmin, ymin, xmax, ymax"
+    for mode, boxes in (("auto", expected), ("stored", [[2, 5, 12, 25]] * 3)):
+        out = tmp_path / "stores" / mode
+        assert ingest_main(["--task", "detection", "--out", str(out), "--coco", str(gt), "--images-root",
+                            str(tmp_path), "--predictions", str(res), "--exif-boxes", mode]) == 0
+        assert ("were given upright" in capsys.readouterr().out) == (mode == "auto")
+        store = Store(out)
+        assert store.rows(f"SELECT {corners} FROM gt_boxes ORDER BY image_id") == [tuple(b) for b in boxes]
+        assert store.rows(f"SELECT {corners} FROM det_boxes ORDER BY image_id") == [tuple(b) for b in boxes]
+        assert store.rows("SELECT count(*) FROM det_matches WHERE tp_mask & 1 = 1")[0][0] == 3
+        store.close()
+    # Predictions added later come from a file like the dataset's boxes: moved the same way.
+    out = tmp_path / "stores" / "auto"
+    later = write_results(tmp_path, [{"image_id": 100, "category_id": 3, "bbox": [2, 5, 10, 20], "score": 0.8}],
+                          "later.json")
+    assert ingest_main(["--task", "detection", "--out", str(out), "--predictions", str(later)]) == 0
+    store = Store(out)
+    assert store.rows(f"SELECT {corners} FROM det_boxes WHERE model_id = 'later'") == [(5, 18, 25, 28)]
+    store.close()

@@ -20,6 +20,7 @@ import pandas as pd
 
 from .. import store as store_mod
 from ..errors import IngestError
+from ..exif import orientation_codes, turn_boxes
 from ..metrics.detection import store_evaluations
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class Dataset:
     images: pd.DataFrame  # image_id, uri, true_label, user metadata columns
     gt_boxes: pd.DataFrame | None = None  # detection only
     extra_meta: dict = field(default_factory=dict)
+    # image_id, width, height as the annotation file gives them (COCO): the frame its boxes are in
+    declared_sizes: pd.DataFrame | None = None
 
 
 @dataclass
@@ -65,6 +68,7 @@ class BuildReport:
     path: Path
     images: int
     skipped: list[IngestError]
+    upright_images: int = 0  # EXIF-turned images whose boxes came in the upright frame (now stored frame)
 
 
 def _show(value: object) -> str:
@@ -302,12 +306,14 @@ def _model_tables(task: str, images: pd.DataFrame, gt_boxes: pd.DataFrame | None
 
 def build_store(out_path: str | Path, dataset: Dataset, models: list[ModelRun] | None = None, *,
                 skip_bad: bool = False, threshold: float | None = None,
-                progress: Progress | None = None) -> BuildReport:
+                progress: Progress | None = None, exif_boxes: str = "auto") -> BuildReport:
     """Compute everything the app needs and write the base atomically.
 
     With ``skip_bad`` unreadable images are dropped (and their boxes and
     predictions with them) and reported; otherwise the first one raises.
-    Nothing is written unless every step succeeds.
+    Nothing is written unless every step succeeds. Boxes given in the images'
+    upright frame (``boxes_given_upright``; ``exif_boxes``) are stored in their
+    stored frame, as are the boxes of predictions read from a file with them.
     """
     from ..metadata import compute_metadata
 
@@ -368,6 +374,13 @@ def build_store(out_path: str | Path, dataset: Dataset, models: list[ModelRun] |
         images["true_label"] = [present.get(i, np.zeros(0, np.int32)) for i in images["image_id"]]
     ordered = ["image_id", "uri", "width", "height", "true_label"]
     images = images[ordered + [c for c in images.columns if c not in ordered]]
+    upright = task == "detection" and boxes_given_upright(images, _remap(dataset.declared_sizes, id_map), exif_boxes)
+    if upright:
+        # Models and maps see the stored pixels: the boxes move there (a re-run model's are there already).
+        gt_boxes = turn_to_stored(gt_boxes, images)
+        runs = [r if r.params.get("loader") else
+                ModelRun(r.model_id, r.name, r.params, r.predictions, turn_to_stored(r.det_boxes, images))
+                for r in runs]
 
     # Timestamps (EXIF dates) are kept as ISO text: ordered like time, filterable like a category.
     for name in images.columns:
@@ -386,6 +399,8 @@ def build_store(out_path: str | Path, dataset: Dataset, models: list[ModelRun] |
     meta = {"task": task, "classes": list(dataset.classes), "name": dataset.name,
             "label_threshold" if task == "multilabel" else "score_threshold": threshold}
     meta.update(dataset.extra_meta)
+    if upright:
+        meta[UPRIGHT_META] = True
     if progress:
         progress("writing", 0, 1)
     paths = store_mod.build_base(out_path, tables, meta)
@@ -395,7 +410,9 @@ def build_store(out_path: str | Path, dataset: Dataset, models: list[ModelRun] |
         store_evaluations(paths.base)
     for problem in problems:
         log.warning("skipped: %s", problem)
-    return BuildReport(paths.base, len(images), list(problems))
+    turned = int((orientation_codes(images["exif_orientation"]) != 1).sum()) \
+        if upright and "exif_orientation" in images.columns else 0
+    return BuildReport(paths.base, len(images), list(problems), turned)
 
 
 def _remap_checked(frame: pd.DataFrame | None, all_ids: set[int], id_map: dict[int, int],
@@ -405,6 +422,52 @@ def _remap_checked(frame: pd.DataFrame | None, all_ids: set[int], id_map: dict[i
         return None
     _check_prediction_ids(frame, all_ids, model_id, what)
     return _remap(frame, id_map)
+
+
+UPRIGHT_META = "boxes_given_upright"  # store meta: the dataset's boxes came in the upright frame
+EXIF_BOXES = ("auto", "stored", "upright")
+
+
+def boxes_given_upright(images: pd.DataFrame, declared: pd.DataFrame | None, mode: str = "auto") -> bool:
+    """Whether a detection dataset's boxes are in its images' upright frame (EXIF orientation
+    applied, as most annotation tools show a photo) rather than their stored pixels'.
+
+    ``mode`` "stored" or "upright" says so; "auto" asks the annotation file: an image stored
+    w x h with orientation 5-8 (a quarter turn) that it declares h x w was annotated upright.
+    Without such an image, or with as many saying the opposite, the stored frame (as COCO and
+    torchvision read images).
+    """
+    if mode not in EXIF_BOXES:
+        raise IngestError(f"unknown EXIF box frame {mode!r}", field="exif_boxes", choices=list(EXIF_BOXES))
+    if mode != "auto":
+        return mode == "upright"
+    if declared is None or "exif_orientation" not in images.columns:
+        return False
+    sizes = images[["image_id", "width", "height", "exif_orientation"]].merge(
+        declared, on="image_id", suffixes=("", "_declared"))
+    quarter = np.isin(orientation_codes(sizes["exif_orientation"]), [5, 6, 7, 8]) & \
+        (sizes["width"] != sizes["height"]).to_numpy()
+    upright = quarter & (sizes["width_declared"] == sizes["height"]).to_numpy() & \
+        (sizes["height_declared"] == sizes["width"]).to_numpy()
+    stored = quarter & (sizes["width_declared"] == sizes["width"]).to_numpy() & \
+        (sizes["height_declared"] == sizes["height"]).to_numpy()
+    if upright.any() and stored.any():
+        log.warning("%d quarter-turned images were annotated upright and %d as stored: taking the majority",
+                    int(upright.sum()), int(stored.sum()))
+    return int(upright.sum()) > int(stored.sum())
+
+
+def turn_to_stored(boxes: pd.DataFrame | None, images: pd.DataFrame) -> pd.DataFrame | None:
+    """Boxes given in the upright frame moved to the stored one (``images``: image_id, width,
+    height, exif_orientation)."""
+    if boxes is None or boxes.empty or "exif_orientation" not in images.columns:
+        return boxes
+    sizes = images.set_index("image_id").loc[boxes["image_id"].to_numpy()]
+    corners = ["xmin", "ymin", "xmax", "ymax"]
+    boxes = boxes.copy()
+    boxes[corners] = turn_boxes(boxes[corners].to_numpy(), sizes["width"].to_numpy(), sizes["height"].to_numpy(),
+                                sizes["exif_orientation"].to_numpy(), to_upright=False)
+    return boxes
 
 
 def add_model(store_path: str | Path, run: ModelRun, *, threshold: float | None = None) -> None:
@@ -417,6 +480,11 @@ def add_model(store_path: str | Path, run: ModelRun, *, threshold: float | None 
         task, n_classes = store.task, len(store.classes)
         images = store.query('SELECT image_id, true_label FROM "images" ORDER BY image_id')
         gt_boxes = store.query('SELECT * FROM "gt_boxes"') if task == "detection" else None
+        if store.meta().get(UPRIGHT_META) and run.det_boxes is not None and not run.params.get("loader"):
+            # Read from a file like the dataset's boxes, so in the same (upright) frame.
+            orientation = '"exif_orientation"' if "exif_orientation" in store.table_columns("images") else "1"
+            sizes = store.query(f'SELECT image_id, width, height, {orientation} AS exif_orientation FROM "images"')
+            run = ModelRun(run.model_id, run.name, run.params, run.predictions, turn_to_stored(run.det_boxes, sizes))
         if threshold is None:
             threshold = float(store.meta().get("label_threshold", 0.5))
     finally:

@@ -112,6 +112,7 @@ def read_coco(gt_json: str | os.PathLike, images_root: str | os.PathLike | None 
     known_ids: set[int] = set()
     bad_ids: set[int] = set()
     rows: list[dict] = []
+    declared: list[tuple[int, int, int]] = []  # (id, width, height): the frame the boxes were drawn in
     seen_uris: dict[str, int] = {}
     for i, entry in enumerate(data["images"]):
         where = f"images[{i}]"
@@ -141,6 +142,8 @@ def read_coco(gt_json: str | os.PathLike, images_root: str | os.PathLike | None 
                                         file=path, row=where, field="file_name"))
             continue
         seen_uris[uri] = image_id
+        if all(_is_int(entry.get(k)) and int(entry[k]) > 0 for k in ("width", "height")):
+            declared.append((image_id, int(entry["width"]), int(entry["height"])))
         extra = {k: v for k, v in entry.items() if k not in _COCO_IMAGE_FIELDS
                  and (v is None or isinstance(v, (str, int, float, bool)))}
         rows.append({"image_id": image_id, "uri": uri, **extra})
@@ -234,7 +237,8 @@ def read_coco(gt_json: str | os.PathLike, images_root: str | os.PathLike | None 
     images = images[["image_id", "uri", "true_label", "source_id"] + [renamed[c] for c in user]]
     log.info("COCO %s: %d images, %d annotations, %d classes", path, len(images), int(keep.sum()), len(classes))
     return Dataset(name=name or Path(path).stem, task=task, classes=classes, images=images,
-                   gt_boxes=gt_boxes, extra_meta={"coco_category_ids": cat_ids, "images_root": root})
+                   gt_boxes=gt_boxes, extra_meta={"coco_category_ids": cat_ids, "images_root": root},
+                   declared_sizes=pd.DataFrame(declared, columns=["image_id", "width", "height"]))
 
 
 def dataset_index(dataset: Dataset, problems: Problems | None = None) -> ImageIndex:

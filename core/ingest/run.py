@@ -20,7 +20,7 @@ from typing import TextIO
 from ..errors import IngestError, VisionLensError
 from ..store import Store, StorePaths
 from . import Problems
-from .build import TASKS, Dataset, ModelRun, add_model, build_store
+from .build import EXIF_BOXES, TASKS, Dataset, ModelRun, add_model, build_store
 from .coco import dataset_index, read_coco
 from .imagefolder import read_imagefolder
 from .predictions import read_predictions, run_model, store_index
@@ -78,6 +78,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float,
                    help="multilabel label threshold / detection score threshold (default 0.5)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows and images, list them at the end")
+    p.add_argument("--exif-boxes", choices=EXIF_BOXES, default="auto",
+                   help="frame of the boxes of EXIF-rotated photos: 'upright' (as a viewer shows them), 'stored' "
+                        "(raw pixels, as COCO and torchvision read them) or 'auto' (default: the one the COCO "
+                        "width/height of quarter-turned photos match; else stored)")
     p.add_argument("--input-size", metavar="H,W", type=_size, help="resize images to H,W for --model")
     p.add_argument("--device", choices=("cpu", "cuda"), help="device for --model (default: cuda if present)")
     p.add_argument("--image-col", default="image", help="table column with the image path (default: image)")
@@ -194,10 +198,13 @@ def _ingest(args: argparse.Namespace, problems: Problems, bar: ProgressBar) -> l
                      dataset.extra_meta.get("coco_category_ids"), dataset.images["uri"].tolist(),
                      dataset.images["image_id"].tolist(), threshold, problems, bar)
     report = build_store(paths.base, dataset, [run] if run else [], skip_bad=args.skip_bad,
-                         threshold=threshold, progress=bar)
+                         threshold=threshold, progress=bar, exif_boxes=args.exif_boxes)
     bar.finish()
     print(f"built {report.path}: {report.images} images, {len(dataset.classes)} classes"
           + (f", model {run.model_id!r}" if run else ""))
+    if report.upright_images:
+        print(f"the boxes of {report.upright_images} EXIF-rotated image(s) were given upright (as a viewer shows "
+              "them) and are stored in the images' stored frame, like their pixels (--exif-boxes to choose)")
     # An unreadable image fails both inference and metadata: list it once, with the metadata reason.
     seen = {_where(e) for e in report.skipped}
     return [e for e in problems.skipped if _where(e) not in seen] + list(report.skipped)
