@@ -37,6 +37,7 @@ from .cohorts import (Catalog, Cohort, Filter, catalog_of, cohort_rows, compile_
 from .compare import (LOWER_IS_BETTER, ComparisonResult, check_models, compare_models, metric_names, model_metrics,
                       parse_named)
 from .errors import EvalError
+from .exif import orientation_codes, turn_boxes, upright
 from .slices import Slice, find_slices
 from .state import STATUSES, StateDB
 from .store import Store
@@ -278,19 +279,20 @@ def _feature_groups(store: Store, catalog: Catalog, model_id: str, features: lis
     return tuple(out)
 
 
-def _load_image(store: Store, image_id: int, uri: str | None) -> Image.Image | None:
-    """The image file, or its stored thumbnail when the file is gone."""
+def _load_image(store: Store, image_id: int, uri: str | None) -> tuple[Image.Image, bool] | None:
+    """The image file in its stored frame (True), or when the file is gone its stored thumbnail,
+    already upright (False)."""
     if uri:
         try:
             with Image.open(uri) as img:
-                return img.convert("RGB")
+                return img.convert("RGB"), True
         except OSError:
             log.info("image %s unreadable; using its thumbnail", uri)
     jpeg = store.scalar('SELECT jpeg FROM "thumbnails" WHERE image_id = ?', [int(image_id)])
     if jpeg is None:
         return None
     with Image.open(io.BytesIO(bytes(jpeg))) as img:
-        return img.convert("RGB")
+        return img.convert("RGB"), False
 
 
 def _names(catalog: Catalog, labels: object) -> str:
@@ -312,7 +314,8 @@ def _samples(store: Store, catalog: Catalog, model_id: str, thresholds: dict, to
     if store.has_table("explanations"):
         explained = set(store.query('SELECT DISTINCT image_id FROM "explanations" WHERE model_id = ?',
                                     [model_id])["image_id"].tolist())
-    columns = ["image_id", "uri", "true_label", "pred_label", "score"]
+    columns = ["image_id", "uri", "width", "height", "true_label", "pred_label", "score",
+               *(["exif_orientation"] if "exif_orientation" in catalog.columns else [])]
     candidates = cohort_rows(store, errors, model_id, columns=columns, order_by="-score", limit=2000,
                              catalog=catalog, **thresholds)
     if top_slice is not None:
@@ -325,11 +328,13 @@ def _samples(store: Store, catalog: Catalog, model_id: str, thresholds: dict, to
     chosen = candidates.assign(rank=rank).sort_values(["rank", "score"], ascending=[True, False], kind="stable")
     out = []
     for row in chosen.head(limit).itertuples(index=False):
-        image = _load_image(store, row.image_id, row.uri)
-        if image is None:
+        loaded = _load_image(store, row.image_id, row.uri)
+        if loaded is None:
             continue
+        image, stored_frame = loaded
+        orientation = getattr(row, "exif_orientation", None)
         shows = "labels"
-        if row.image_id in explained:
+        if row.image_id in explained and stored_frame:
             # Imported here: they load torch, which a report without maps or boxes does not need.
             from .explain import available_explanations, load_explanation
             from .heatmap import overlay
@@ -339,6 +344,8 @@ def _samples(store: Store, catalog: Catalog, model_id: str, thresholds: dict, to
             attribution = load_explanation(store, model_id, row.image_id, first["method"], int(first["target"]))
             image = overlay(image, attribution)
             shows = str(first["method"])
+        if stored_frame:
+            image = upright(image, orientation)  # as a viewer shows it (a thumbnail is already)
         # One size for every sample (small images scaled up), so box captions read alike.
         scale = SAMPLE_SIDE / max(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
@@ -350,7 +357,11 @@ def _samples(store: Store, catalog: Catalog, model_id: str, thresholds: dict, to
             boxes = image_objects(store, model_id, int(row.image_id), thresholds["iou"],
                                   thresholds["score_threshold"])
             boxes = boxes[boxes["status"].isin(["tp", "fp", "fn"])].copy()
-            boxes[["xmin", "ymin", "xmax", "ymax"]] *= scale
+            # Stored-frame boxes, turned upright and scaled to the picture (from the file or its thumbnail).
+            corners = ["xmin", "ymin", "xmax", "ymax"]
+            turned = turn_boxes(boxes[corners].to_numpy(), row.width, row.height, orientation)
+            upright_width = row.height if orientation_codes(orientation)[0] in (5, 6, 7, 8) else row.width
+            boxes[corners] = turned * (image.width / upright_width)
             boxes["text"] = [catalog.classes[int(c)] for c in boxes["class_id"]]  # class only: IoU is too long
             image = draw_boxes(image, boxes)
             shows = "boxes" if shows == "labels" else f"{shows} + boxes"

@@ -147,6 +147,40 @@ def test_detection_scorecard_draws_boxes(tmp_path, write_images):
     assert "AP at IoU" in text and "No slice has an error rate clearly above" in text
 
 
+def test_detection_samples_are_upright_with_their_boxes(tmp_path, write_images, monkeypatch):
+    """A photo stored 40 x 20 with EXIF orientation 6 is shown 20 x 40, its boxes turned with it; once its
+    file is gone, its (upright) thumbnail takes its place, the boxes scaled to it."""
+    from core import heatmap
+
+    uris = write_images(tmp_path / "img", 2, (40, 20))
+    with Image.open(uris[1]) as image:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        image.convert("RGB").save(uris[1], exif=exif)
+    images = pd.DataFrame({"image_id": np.arange(2), "uri": uris, "true_label": [[]] * 2})
+    gt = pd.DataFrame({"image_id": [0, 1], "gt_id": [0, 1], "class_id": [0, 0], "xmin": [2, 4], "ymin": [2, 3],
+                       "xmax": [20, 30], "ymax": [10, 15]})
+    dets = pd.DataFrame({"image_id": [1], "class_id": [1], "score": [0.9], "xmin": [4], "ymin": [3],
+                         "xmax": [30], "ymax": [15]})
+    report = build_store(tmp_path / "det.duckdb", Dataset("det", "detection", ["car", "person"], images, gt),
+                         [ModelRun("m", "Detector", {}, det_boxes=dets)])
+    drawn = []
+    draw_boxes = heatmap.draw_boxes
+    monkeypatch.setattr(heatmap, "draw_boxes", lambda image, boxes, *a, **k: (
+        drawn.append((image.size, boxes[["xmin", "ymin", "xmax", "ymax"]].to_numpy())),
+        draw_boxes(image, boxes, *a, **k))[1])
+    for source in ("file", "thumbnail"):
+        drawn.clear()
+        card = scorecard(report.path)
+        sample = next(s for s in card.samples if s.image_id == 1)
+        assert sample.image.height == 2 * sample.image.width  # upright: 20 x 40, scaled
+        size, boxes = next(d for d in drawn if d[0] == sample.image.size)
+        scale = size[0] / 20
+        # EXIF 6 turns (x, y) of a 40 x 20 photo to (20 - y, x): [4, 3, 30, 15] becomes [5, 4, 17, 30].
+        np.testing.assert_allclose(boxes, [[5 * scale, 4 * scale, 17 * scale, 30 * scale]] * 2)
+        Path(uris[1]).unlink(missing_ok=True)
+
+
 def test_bad_input(store, tmp_path):
     s, *_ = store
     with pytest.raises(EvalError, match="unknown model 'nope'") as info:
