@@ -342,3 +342,23 @@ def test_boxes_drawn_on_upright_photos_are_stored_in_the_stored_frame(tmp_path, 
     store = Store(out)
     assert store.rows(f"SELECT {corners} FROM det_boxes WHERE model_id = 'later'") == [(5, 18, 25, 28)]
     store.close()
+
+
+def test_predictions_added_later_skip_the_images_the_build_skipped(tmp_path, capsys):
+    """Image 101's file is corrupt and image 104's is missing: the build skips both (--skip-bad), and a
+    results file added later drops their rows as the build did, instead of calling them unknown."""
+    gt = coco_gt(tmp_path, extra_images=[{"id": 104, "file_name": "val2017/gone.jpg", "width": 40, "height": 30}])
+    (tmp_path / "val2017" / "001.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "stores" / "skips"
+    assert ingest_main(["--task", "detection", "--out", str(out), "--coco", str(gt), "--images-root",
+                        str(tmp_path), "--skip-bad"]) == 0
+    later = write_results(tmp_path, [{"image_id": i, "category_id": 3, "bbox": [1, 2, 10, 5], "score": 0.9}
+                                     for i in (100, 101, 104)], "later.json")
+    assert ingest_main(["--task", "detection", "--out", str(out), "--predictions", str(later)]) == 0
+    store = Store(out)
+    assert store.rows("SELECT i.source_id FROM det_boxes AS d JOIN images AS i USING (image_id)") == [(100,)]
+    store.close()
+    unknown = write_results(tmp_path, [{"image_id": 999, "category_id": 3, "bbox": [1, 2, 10, 5], "score": 0.9}],
+                            "unknown.json")
+    assert ingest_main(["--task", "detection", "--out", str(out), "--predictions", str(unknown)]) == 2
+    assert "not in the dataset: 999" in capsys.readouterr().err

@@ -343,9 +343,15 @@ def build_store(out_path: str | Path, dataset: Dataset, models: list[ModelRun] |
             progress("metadata", done, total)
 
     metadata, problems = compute_metadata(images["uri"].tolist(), skip_bad=skip_bad, progress=meta_progress)
+    skipped = {k: list(v) for k, v in (dataset.extra_meta.get(SKIPPED_META) or {}).items()}
     if problems:
         bad_uris = {p.file for p in problems}
         keep = ~images["uri"].isin(bad_uris).to_numpy()
+        # Remembered so a predictions file added later drops their rows as this build did.
+        skipped["uris"] = sorted({*skipped.get("uris", ()), *images["uri"][~keep]})
+        if "source_id" in images.columns:
+            skipped["source_ids"] = sorted({*skipped.get("source_ids", ()),
+                                            *images["source_id"][~keep].astype(np.int64).tolist()})
         images = images[keep].reset_index(drop=True)
         metadata = metadata.reset_index(drop=True)
     if len(metadata) != len(images):
@@ -399,6 +405,7 @@ def build_store(out_path: str | Path, dataset: Dataset, models: list[ModelRun] |
     meta = {"task": task, "classes": list(dataset.classes), "name": dataset.name,
             "label_threshold" if task == "multilabel" else "score_threshold": threshold}
     meta.update(dataset.extra_meta)
+    meta[SKIPPED_META] = skipped
     if upright:
         meta[UPRIGHT_META] = True
     if progress:
@@ -424,6 +431,8 @@ def _remap_checked(frame: pd.DataFrame | None, all_ids: set[int], id_map: dict[i
     return _remap(frame, id_map)
 
 
+# store meta: images of the dataset that were skipped ({"uris": [...], "source_ids": [...]})
+SKIPPED_META = "skipped_images"
 UPRIGHT_META = "boxes_given_upright"  # store meta: the dataset's boxes came in the upright frame
 EXIF_BOXES = ("auto", "stored", "upright")
 
@@ -480,7 +489,7 @@ def add_model(store_path: str | Path, run: ModelRun, *, threshold: float | None 
         task, n_classes = store.task, len(store.classes)
         images = store.query('SELECT image_id, true_label FROM "images" ORDER BY image_id')
         gt_boxes = store.query('SELECT * FROM "gt_boxes"') if task == "detection" else None
-        if store.meta().get(UPRIGHT_META) and run.det_boxes is not None and not run.params.get("loader"):
+        if store.meta().get(UPRIGHT_META) == "true" and run.det_boxes is not None and not run.params.get("loader"):
             # Read from a file like the dataset's boxes, so in the same (upright) frame.
             orientation = '"exif_orientation"' if "exif_orientation" in store.table_columns("images") else "1"
             sizes = store.query(f'SELECT image_id, width, height, {orientation} AS exif_orientation FROM "images"')

@@ -33,7 +33,7 @@ from .. import models as models_mod
 from ..errors import IngestError
 from ..store import Store
 from . import ImageIndex, Problems, number_rows
-from .build import ModelRun
+from .build import SKIPPED_META, ModelRun
 from .coco import read_coco_results
 from .table import (ClassMap, class_token, is_missing, load_table, parse_boxes, parse_list,
                     report_unknown_classes)
@@ -57,9 +57,12 @@ def store_index(store: Store) -> ImageIndex:
     has_source = "source_id" in store.table_columns("images")
     columns = '"image_id", "uri"' + (', "source_id"' if has_source else "")
     images = store.query(f'SELECT {columns} FROM "images" ORDER BY "image_id"')
-    root = store.meta().get("images_root") or (os.path.commonpath(images["uri"].tolist()) if len(images) else "")
+    meta = store.meta()
+    root = meta.get("images_root") or (os.path.commonpath(images["uri"].tolist()) if len(images) else "")
+    skipped = json.loads(meta.get(SKIPPED_META) or "{}")  # their predictions are dropped, as at the build
     return ImageIndex(uris=images["uri"].tolist(), image_ids=images["image_id"].astype(np.int64).tolist(),
-                      root=root, source_ids=images["source_id"].astype(np.int64).tolist() if has_source else None)
+                      root=root, source_ids=images["source_id"].astype(np.int64).tolist() if has_source else None,
+                      dropped_uris=set(skipped.get("uris", ())), dropped_source_ids=set(skipped.get("source_ids", ())))
 
 
 def is_coco_results(path: str | os.PathLike) -> bool:

@@ -20,7 +20,7 @@ from typing import TextIO
 from ..errors import IngestError, VisionLensError
 from ..store import Store, StorePaths
 from . import Problems
-from .build import EXIF_BOXES, TASKS, Dataset, ModelRun, add_model, build_store
+from .build import EXIF_BOXES, SKIPPED_META, TASKS, Dataset, ModelRun, add_model, build_store
 from .coco import dataset_index, read_coco
 from .imagefolder import read_imagefolder
 from .predictions import read_predictions, run_model, store_index
@@ -197,6 +197,8 @@ def _ingest(args: argparse.Namespace, problems: Problems, bar: ProgressBar) -> l
     run = _model_run(args, dataset_index(dataset, problems), dataset.classes,
                      dataset.extra_meta.get("coco_category_ids"), dataset.images["uri"].tolist(),
                      dataset.images["image_id"].tolist(), threshold, problems, bar)
+    dataset.extra_meta[SKIPPED_META] = {"uris": sorted(problems.dropped_uris),
+                                        "source_ids": sorted(problems.dropped_source_ids)}
     report = build_store(paths.base, dataset, [run] if run else [], skip_bad=args.skip_bad,
                          threshold=threshold, progress=bar, exif_boxes=args.exif_boxes)
     bar.finish()
