@@ -38,7 +38,7 @@ from .compare import (LOWER_IS_BETTER, ComparisonResult, check_models, compare_m
                       parse_named)
 from .errors import EvalError
 from .exif import orientation_codes, turn_boxes, upright
-from .slices import Slice, find_slices
+from .slices import MIN_LIFT, Slice, find_slices
 from .state import STATUSES, StateDB
 from .store import Store
 
@@ -778,7 +778,7 @@ def _groups_section(doc: _Layout, card: Scorecard) -> None:
 def _slices_section(doc: _Layout, card: Scorecard) -> None:
     overall = _share(card.overall_error_rate)
     doc.section("Top error slices",
-                f"Metadata slices where the error rate is far above the overall {overall}, found by SliceLine "
+                f"Metadata slices where the error rate is at least {MIN_LIFT:g} times the overall {overall}, found by SliceLine "
                 "(Sagadeeva & Boehm, SIGMOD 2021) over quantile-binned numeric and categorical columns, ranked "
                 "by its score, which weighs how much worse a slice is against how small it is.", space=60)
     if not card.slices:

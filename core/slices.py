@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ALPHA = 0.95  # SliceLine's default weight of the error term
 DEFAULT_BINS = 5  # quantile bins per numeric column
+MIN_LIFT = 1.1  # a slice's error rate over the overall rate, at least, to be reported
 SIGNIFICANT_DIGITS = 3  # bin edges are rounded so query strings stay readable
 _CHUNK_BYTES = 16 << 20  # memory for one batch of candidate evaluations (64 MiB was no faster at 1M images)
 
@@ -301,7 +302,8 @@ def _children(parents: np.ndarray, feature_of: np.ndarray, m: int) -> np.ndarray
 
 def search_slices(search: SliceSearch, *, max_order: int = 3, min_size: int, top_k: int = 10,
                   alpha: float = DEFAULT_ALPHA) -> list[tuple[tuple[int, ...], int, int, float]]:
-    """SliceLine over prepared predicates: the top-k (members, size, errors, score), best first."""
+    """SliceLine over prepared predicates: the top-k (members, size, errors, score), best first, of
+    the slices whose error rate is at least ``MIN_LIFT`` times the overall rate."""
     n, n_errors = search.n, search.n_errors
     m = len(search.predicates)
     if n == 0 or n_errors == 0 or m == 0:
@@ -342,7 +344,9 @@ def search_slices(search: SliceSearch, *, max_order: int = 3, min_size: int, top
         # A child as large as one of its parents is that parent's images in more words
         # (and so are its own children): neither reported nor expanded.
         valid = (sizes >= min_size) & (errors > 0) & (sizes < parent_size)
-        good = valid & (scores > 0)
+        # Reported only clearly above the overall rate: a positive score alone lets a slice of nearly
+        # every image through at x1.00.
+        good = valid & (scores > 0) & (errors * n >= MIN_LIFT * n_errors * sizes)
         if good.any():
             found_members.append(np.pad(members[good], ((0, 0), (0, max_order - level)), constant_values=-1))
             found_stats.append(np.stack([sizes[good], errors[good], scores[good]], axis=1).astype(np.float64))

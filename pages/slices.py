@@ -4,6 +4,7 @@ import streamlit as st
 
 from app import compare_views, nav, require_view
 from core.errors import VisionLensError
+from core.slices import MIN_LIFT
 
 TOP_K = (5, 10, 20, 50)  # slices shown; 10 is core.slices' default
 ORDERS = (1, 2, 3)  # conditions per slice at most; 3 is core.slices' default
@@ -29,7 +30,8 @@ except VisionLensError as error:
 right.caption(f"Model **{view.model_id}** at {compare_views.thresholds_text(view)}: **{errors:,}** errors in "
               f"{evaluated:,} images" + (f" ({rate:.1%})" if rate is not None else "") + ". Slices are searched "
               "over the whole dataset and ranked by SliceLine's score, which weighs how far a slice's error rate "
-              "exceeds the overall one against how small the slice is.")
+              "exceeds the overall one against how small the slice is; a slice is listed when its rate is at least "
+              f"{MIN_LIFT:g}× the overall one.")
 if not slices:
     st.info("No slice stands out: the model's errors are spread evenly over the metadata, or too few images err.",
             icon=":material/check_circle:")

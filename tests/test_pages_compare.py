@@ -33,7 +33,7 @@ from e2e.stores import build_all
 TASKS = ("multiclass", "multilabel", "detection")
 COMPARE, SLICES = "pages/compare.py", "pages/slices.py"
 # Thresholds away from the stores' defaults, so the pages are seen to use the URL's.
-THRESHOLDS = {"multiclass": ("", {}), "multilabel": ("&thr=0.3", {"label_threshold": 0.3}),
+THRESHOLDS = {"multiclass": ("", {}), "multilabel": ("&thr=0.4", {"label_threshold": 0.4}),
               "detection": ("&iou=0.75&conf=0.3", {"iou": 0.75, "score_threshold": 0.3})}
 
 
@@ -281,7 +281,7 @@ def test_unchanged_metrics_are_not_coloured():
 
 
 # Thresholds under which the top slice differs from the one at the defaults.
-SLICE_THRESHOLDS = {"multiclass": ("", {}), "multilabel": ("&thr=0.3", {"label_threshold": 0.3}),
+SLICE_THRESHOLDS = {"multiclass": ("", {}), "multilabel": ("&thr=0.4", {"label_threshold": 0.4}),
                     "detection": ("&iou=0.6&conf=0.4", {"iou": 0.6, "score_threshold": 0.4})}
 
 

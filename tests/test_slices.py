@@ -11,7 +11,7 @@ import pytest
 
 from core.cohorts import Cohort, Filter, catalog_of, cohort_count, parse_query
 from core.errors import EvalError
-from core.slices import (Predicate, SliceSearch, find_slices, numeric_predicates, pack_bits, score_upper_bound,
+from core.slices import (MIN_LIFT, Predicate, SliceSearch, find_slices, numeric_predicates, pack_bits, score_upper_bound,
                          search_slices, sliceable_columns, slices_main, sliceline_score, store_search)
 from core.store import Store, build_base
 
@@ -83,7 +83,7 @@ def _brute_force(masks, feature_of, errors, min_size, max_order):
             size, errs = int(inside.sum()), int((inside & errors).sum())
             if size >= min_size and errs > 0:
                 score = float(sliceline_score(size, errs, n, n_errors))
-                if score > 0:
+                if score > 0 and errs / size >= MIN_LIFT * n_errors / n:
                     found.append((score, combo, size, errs))
     return sorted(found, key=lambda f: -f[0])
 
@@ -211,6 +211,17 @@ def test_uniform_errors_give_no_slice(error_rate):
     search = SliceSearch(predicates, np.array([0, 0]), pack_bits(masks), pack_bits(errors[None])[0], 100,
                          int(errors.sum()))
     assert search_slices(search, min_size=10) == []
+
+
+def test_a_slice_of_nearly_every_image_is_not_reported():
+    """Its score is positive (its rate is a hair above the whole's) but it is no error slice."""
+    masks = np.array([np.arange(1000) < 998, np.arange(1000) >= 998])
+    errors = (np.arange(1000) % 2 == 0) & masks[0]
+    predicates = tuple(Predicate("c", "c", (Filter("c", "eq", i),)) for i in range(2))
+    search = SliceSearch(predicates, np.array([0, 0]), pack_bits(masks), pack_bits(errors[None])[0], 1000,
+                         int(errors.sum()))
+    assert sliceline_score(998, 499, 1000, 499) > 0
+    assert search_slices(search, min_size=1) == []
 
 
 def test_cli_json(planted, capsys):
