@@ -140,10 +140,17 @@ def _cohort_panel(view: View, title: str, own: Cohort, stats: list[tuple[str, st
                 st.switch_page("pages/explorer.py", query_params=view.link_params(combined))
 
 
+def _images_text(size: int, evaluated: int) -> str:
+    """Images of a node or cell, and those with a prediction (the error rate's) when fewer."""
+    return f"{size:,}" if evaluated == size else f"{size:,} ({evaluated:,} predicted)"
+
+
 def _fit_caption(view: View, frame: ErrorFrame, tree: ErrorTree | None = None) -> None:
     known = int(frame.known.sum())
+    # The rate's denominator: images without a prediction are neither right nor wrong.
+    unknown = f"; {len(frame) - known:,} without a prediction left out" if known < len(frame) else ""
     text = (f"Error rate **{_rate(frame.error_rate)}** ({_errors_text(frame.kind, frame.total_errors)} "
-            f"in {len(frame):,} images) · error: {frame.kind.describe(view.catalog)}")
+            f"in {known:,} images{unknown}) · error: {frame.kind.describe(view.catalog)}")
     if tree is not None:
         text += (f" · fitted on a sample of **{tree.n_fitted:,}** of {known:,} images; node counts cover every image"
                  if tree.sampled else f" · fitted on all {tree.n_fitted:,} images with a prediction")
@@ -177,7 +184,7 @@ def tree_layout(tree: ErrorTree) -> pd.DataFrame:
             "parent_x": x[parent.node_id] if parent else None, "parent_depth": parent.depth if parent else None,
             "error_rate": node.error_rate, "size": node.size, "errors": node.errors,
             "share": node.size / max(1, tree.root.size),
-            "rate_text": _rate(node.error_rate), "count_text": f"{node.errors:,.0f} / {node.size:,}",
+            "rate_text": _rate(node.error_rate), "count_text": f"{node.errors:,.0f} / {node.evaluated:,}",
             "split": node.split or "all images", "leaf": node.is_leaf,
             "path": " · ".join(node.conditions) or "all images",
         })
@@ -238,7 +245,7 @@ def tree_chart(tree: ErrorTree, selected: int | None, width: int = 1000) -> alt.
 
 def _node_label(node: TreeNode) -> str:
     where = node.split or "root (all images)"
-    return f"#{node.node_id} · {where} · {_rate(node.error_rate)} ({node.errors:,.0f}/{node.size:,})"
+    return f"#{node.node_id} · {where} · {_rate(node.error_rate)} ({node.errors:,.0f}/{node.evaluated:,})"
 
 
 def _default_node(tree: ErrorTree) -> int:
@@ -315,7 +322,7 @@ def tree_view(view: View, choice: Choice) -> None:
     st.selectbox("Node", options, key="vl_ea_node", format_func=labels.get,
                  help="Click a node in the tree, or choose it here.")
     node = tree.node(st.session_state["vl_ea_node"])
-    stats = [("Images", f"{node.size:,}"), ("Errors" if not tree.target.is_rate else "Wrong objects",
+    stats = [("Images", _images_text(node.size, node.evaluated)), ("Errors" if not tree.target.is_rate else "Wrong objects",
                                           f"{node.errors:,.0f}"),
              ("Error rate", _rate(node.error_rate)), ("Share of all errors", f"{node.error_share:.1%}")]
     _cohort_panel(view, f"Node #{node.node_id}" + ("" if node.is_leaf else " (inner node)"), node.cohort, stats,
@@ -400,7 +407,7 @@ def heatmap_view(view: View, choice: Choice) -> None:
     st.selectbox("Cell", keys, key="vl_hm_cell", format_func=labels.get,
                  help="Click a cell in the heat map, or choose it here.")
     row = cells.iloc[keys.index(st.session_state["vl_hm_cell"])]
-    stats = [("Images", f"{row['size']:,}"), ("Errors" if not heat.target.is_rate else "Wrong objects",
+    stats = [("Images", _images_text(row["size"], row["evaluated"])), ("Errors" if not heat.target.is_rate else "Wrong objects",
                                              f"{row['errors']:,.0f}"),
              ("Error rate", _rate(row["error_rate"]))]
     _cohort_panel(view, labels[st.session_state["vl_hm_cell"]].split(" · ")[0], row["cohort"], stats,
@@ -409,4 +416,4 @@ def heatmap_view(view: View, choice: Choice) -> None:
 
 def _cell_label(row) -> str:
     where = row.x_label + (f" × {row.y_label}" if row.y_label else "")
-    return f"{where} · {_rate(row.error_rate)} ({row.errors:,.0f}/{row.size:,})"
+    return f"{where} · {_rate(row.error_rate)} ({row.errors:,.0f}/{row.evaluated:,})"

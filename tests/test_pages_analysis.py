@@ -218,6 +218,30 @@ def test_tree_node_becomes_the_cohort(app, stores, task):
     assert cohort_count(store, parsed.cohort, "baseline") == node.size
 
 
+def test_error_rates_count_only_predicted_images(stores, tmp_path, monkeypatch):
+    """A model that predicted 30 of the images: the rate, the caption and each node divide by those."""
+    import shutil
+
+    from core.ingest.build import ModelRun, add_model
+
+    for path in stores.glob("demo-multiclass.*"):
+        (shutil.copytree if path.is_dir() else shutil.copy)(path, tmp_path / path.name)
+    store = Store(tmp_path / "demo-multiclass.duckdb")
+    n = store.image_count()
+    store.close()
+    rng = np.random.default_rng(0)
+    add_model(tmp_path / "demo-multiclass.duckdb", ModelRun("partial", "partial", {}, pd.DataFrame(
+        {"image_id": np.arange(30), "pred_label": rng.integers(0, 3, 30), "score": np.ones(30, np.float32)})))
+    monkeypatch.setenv("VISIONLENS_DATA", str(tmp_path))
+    with served_navigation():
+        at = open_app("store=demo-multiclass&model=partial", ERRORS)
+    caption = next(c.value for c in at.caption if c.value.startswith("Error rate"))
+    assert f"in 30 images; {n - 30:,} without a prediction left out" in caption
+    root = at.selectbox(key="vl_ea_node").format_func(0)
+    errors, evaluated = root.rsplit("(", 1)[1].rstrip(")").split("/")
+    assert evaluated == "30" and f"{int(errors) / 30:.1%}" in root
+
+
 def test_heatmap_cell_becomes_the_cohort(app, stores):
     at = app("store=demo-multiclass&view=heatmap", ERRORS)
     at.selectbox(key="vl_hm_x_demo-multiclass").set_value("site").run()
