@@ -322,8 +322,8 @@ def tree_view(view: View, choice: Choice) -> None:
     st.selectbox("Node", options, key="vl_ea_node", format_func=labels.get,
                  help="Click a node in the tree, or choose it here.")
     node = tree.node(st.session_state["vl_ea_node"])
-    stats = [("Images", _images_text(node.size, node.evaluated)), ("Errors" if not tree.target.is_rate else "Wrong objects",
-                                          f"{node.errors:,.0f}"),
+    stats = [("Images", _images_text(node.size, node.evaluated)),
+             ("Errors" if not tree.target.is_rate else "Wrong objects", f"{node.errors:,.0f}"),
              ("Error rate", _rate(node.error_rate)), ("Share of all errors", f"{node.error_share:.1%}")]
     _cohort_panel(view, f"Node #{node.node_id}" + ("" if node.is_leaf else " (inner node)"), node.cohort, stats,
                   "vl_ea_node_actions")
@@ -407,8 +407,8 @@ def heatmap_view(view: View, choice: Choice) -> None:
     st.selectbox("Cell", keys, key="vl_hm_cell", format_func=labels.get,
                  help="Click a cell in the heat map, or choose it here.")
     row = cells.iloc[keys.index(st.session_state["vl_hm_cell"])]
-    stats = [("Images", _images_text(row["size"], row["evaluated"])), ("Errors" if not heat.target.is_rate else "Wrong objects",
-                                             f"{row['errors']:,.0f}"),
+    stats = [("Images", _images_text(row["size"], row["evaluated"])),
+             ("Errors" if not heat.target.is_rate else "Wrong objects", f"{row['errors']:,.0f}"),
              ("Error rate", _rate(row["error_rate"]))]
     _cohort_panel(view, labels[st.session_state["vl_hm_cell"]].split(" · ")[0], row["cohort"], stats,
                   "vl_hm_actions")

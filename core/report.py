@@ -778,8 +778,9 @@ def _groups_section(doc: _Layout, card: Scorecard) -> None:
 def _slices_section(doc: _Layout, card: Scorecard) -> None:
     overall = _share(card.overall_error_rate)
     doc.section("Top error slices",
-                f"Metadata slices where the error rate is at least {MIN_LIFT:g} times the overall {overall}, found by SliceLine "
-                "(Sagadeeva & Boehm, SIGMOD 2021) over quantile-binned numeric and categorical columns, ranked "
+                f"Metadata slices where the error rate is at least {MIN_LIFT:g} times the overall {overall}, found "
+                "by SliceLine (Sagadeeva & Boehm, SIGMOD 2021) over quantile-binned numeric and categorical columns, "
+                "ranked "
                 "by its score, which weighs how much worse a slice is against how small it is.", space=60)
     if not card.slices:
         doc.text("No slice has an error rate clearly above the overall rate.", color=_MUTED)
@@ -950,7 +951,8 @@ def report_main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--out", required=True, help="PDF file to write")
     parser.add_argument("--cohort", action="append", default=[], metavar="QUERY",
                         help="a cohort query string, or NAME::QUERY to name it (repeatable)")
-    parser.add_argument("--model", help="model id (default: the store's first model that is not the baseline)")
+    parser.add_argument("--model", help="model id (default: the store's first model id, alphabetically, that is "
+                                         "not the baseline)")
     parser.add_argument("--baseline", help="model id to compare with")
     parser.add_argument("--target", action="append", default=[], metavar="METRIC=VALUE",
                         help="a target for a headline metric, e.g. accuracy=0.9 (repeatable)")

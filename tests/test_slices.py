@@ -11,8 +11,9 @@ import pytest
 
 from core.cohorts import Cohort, Filter, catalog_of, cohort_count, parse_query
 from core.errors import EvalError
-from core.slices import (MIN_LIFT, Predicate, SliceSearch, find_slices, numeric_predicates, pack_bits, score_upper_bound,
-                         search_slices, sliceable_columns, slices_main, sliceline_score, store_search)
+from core.slices import (MIN_LIFT, Predicate, SliceSearch, find_slices, numeric_predicates, pack_bits,
+                         score_upper_bound, search_slices, sliceable_columns, slices_main, sliceline_score,
+                         store_search)
 from core.store import Store, build_base
 
 CLASSES = ["cat", "dog", "bird"]
