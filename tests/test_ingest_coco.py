@@ -125,6 +125,8 @@ def test_bad_annotation_names_file_row_field(tmp_path, bad, field, text):
     err = info.value
     assert (err.file, err.row, err.field) == (str(gt), "annotations[1]", field)
     assert text in err.message
+    if field == "category_id":  # ids, with the names they stand for
+        assert err.choices == ["3 (car)", "17 (cat)", "90 (zebra)"]
     problems = Problems(skip_bad=True)
     ds = read_coco(gt, tmp_path, problems=problems)
     assert len(problems.skipped) == 1
@@ -141,7 +143,7 @@ def test_missing_duplicate_and_broken_image_entries(tmp_path):
     with pytest.raises(IngestError) as info:
         read_coco(gt, tmp_path)
     assert (info.value.row, info.value.field) == ("images[4]", "file_name")
-    assert "nope.jpg" in info.value.message
+    assert "nope.jpg" in info.value.message and "--images-root" in info.value.message
     problems = Problems(skip_bad=True)
     ds = read_coco(gt, tmp_path, problems=problems)
     assert ds.images["source_id"].tolist() == [100, 101, 102, 103]
@@ -207,6 +209,8 @@ def test_bad_results(tmp_path, bad, field):
     with pytest.raises(IngestError) as info:
         read_coco_results(res, ds)
     assert (info.value.file, info.value.row, info.value.field) == (str(res), "[1]", field)
+    if field == "category_id":  # the ids the file may use
+        assert info.value.choices == ["3", "17", "90"]
     problems = Problems(skip_bad=True)
     run = read_coco_results(res, ds, problems=problems)
     assert len(run.det_boxes) == 1 and len(problems.skipped) == 1

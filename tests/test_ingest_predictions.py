@@ -51,6 +51,32 @@ def test_multiclass_by_path_names_indices_probs(dataset, tmp_path):
     assert run.params == {"source": str(path)}
 
 
+def test_one_probability_column_per_class(dataset, tmp_path, caplog):
+    """prob_<class> columns, in any order, become probs in class order; other columns are named in a warning."""
+    index = index_of(dataset)
+    frame = pd.DataFrame({"image": [f"images/day/p{i}.png" for i in range(3)], "label": ["c", "a", "b"],
+                          "prob_c": [0.7, 0.1, 0.2], "prob_a": [0.2, 0.8, 0.1], "prob_b": [0.1, 0.1, 0.7],
+                          "notes": ["x", "y", "z"]})
+    with caplog.at_level("WARNING"):
+        preds = read_table_predictions(frame, "multiclass", index, ["a", "b", "c"]).predictions
+    np.testing.assert_allclose(np.stack(preds["probs"]), [[0.2, 0.1, 0.7], [0.8, 0.1, 0.1], [0.1, 0.7, 0.2]],
+                               rtol=1e-6)
+    assert preds["pred_label"].tolist() == [2, 0, 1]
+    assert "column(s) not read: notes" in caplog.text and "prob_" not in caplog.text
+    with pytest.raises(IngestError, match="'prob_b' is missing"):
+        read_table_predictions(frame.drop(columns="prob_b"), "multiclass", index, ["a", "b", "c"])
+    with pytest.raises(IngestError, match="'prob_zebra' names no class"):
+        read_table_predictions(frame.assign(prob_zebra=0.0), "multiclass", index, ["a", "b", "c"])
+
+
+def test_a_json_object_is_no_predictions_file(dataset, tmp_path):
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": [], "categories": []}))
+    with pytest.raises(IngestError, match="COCO results are a JSON list") as info:
+        read_predictions(path, "multiclass", index_of(dataset), ["a", "b", "c"])
+    assert info.value.file == str(path)
+
+
 def test_join_by_source_id(dataset):
     frame = pd.DataFrame({"image_id": [72, 70], "prediction": ["a", "b"]})
     preds = read_table_predictions(frame, "multiclass", index_of(dataset), ["a", "b", "c"]).predictions

@@ -133,8 +133,9 @@ def read_coco(gt_json: str | os.PathLike, images_root: str | os.PathLike | None 
         uri = resolve_image(file_name, root)
         if uri is None:
             bad_ids.add(image_id)
-            problems.report(IngestError(f"image file {file_name!r} not found under {root}", file=path,
-                                        row=where, field="file_name"))
+            problems.report(IngestError(f"image file {file_name!r} not found under {root} (--images-root: the "
+                                        "folder the file names are relative to)", file=path, row=where,
+                                        field="file_name"))
             continue
         if uri in seen_uris:
             bad_ids.add(image_id)
@@ -184,7 +185,8 @@ def read_coco(gt_json: str | os.PathLike, images_root: str | os.PathLike | None 
             suffix = f" (image {owner} skipped)" if owner is not None and problems.skip_bad else ""
             problems.report(IngestError(f"{message}: {value!r}{suffix}", file=path,
                                         row=f"annotations[{j}]", field=field,
-                                        choices=classes if field == "category_id" else None))
+                                        choices=[f"{cid} ({name})" for cid, name in zip(cat_ids, classes)]
+                                        if field == "category_id" else None))
             if owner is not None:
                 bad_ids.add(owner)
         usable &= ~mask
@@ -285,6 +287,7 @@ def read_coco_results(path: str | os.PathLike, images: Dataset | ImageIndex,
                           "(it was not read from COCO json); give predictions as a table instead",
                           file=file, field="image_id")
     cat_index = {int(c): k for k, c in enumerate(category_ids)}
+    category_choices = [str(int(c)) for c in category_ids]
     data = load_json(file)
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         data = data["annotations"]
@@ -320,7 +323,8 @@ def read_coco_results(path: str | os.PathLike, images: Dataset | ImageIndex,
     for mask, message, field in checks:
         for j in np.flatnonzero(mask & usable):
             value = results[j].get(field) if field else data[j]
-            problems.report(IngestError(f"{message}: {value!r}", file=file, row=f"[{j}]", field=field))
+            problems.report(IngestError(f"{message}: {value!r}", file=file, row=f"[{j}]", field=field,
+                                        choices=category_choices if field == "category_id" else None))
         usable &= ~mask
     if dropped.any():
         log.info("%s: %d results for skipped images dropped", file, int(dropped.sum()))

@@ -6,9 +6,9 @@ is absent, by an ``image_id`` column holding the source's own ids (COCO ids).
 Columns read, first present wins:
 
 - multiclass: ``probs`` (one probability per class, in class order; a JSON list
-  in CSV) and/or ``pred_label`` / ``prediction`` / ``label`` (class name or
-  index), optional ``score``;
-- multilabel: ``probs`` (per-label sigmoid probabilities) and/or
+  in CSV) or one ``prob_<class name>`` column per class, and/or ``pred_label`` /
+  ``prediction`` / ``label`` (class name or index), optional ``score``;
+- multilabel: ``probs`` or ``prob_<label name>`` columns (per-label sigmoid probabilities) and/or
   ``pred_labels`` / ``prediction`` / ``label`` (list of names / indices);
 - detection: ``detections`` / ``prediction`` / ``label``: a list of
   ``[class, xmin, ymin, xmax, ymax, score]`` (pixels).
@@ -16,6 +16,7 @@ Columns read, first present wins:
 Rows for images skipped while reading the dataset are dropped; rows for images
 the dataset never had, malformed cells, unknown classes and repeated images
 are errors naming file, row and field (skipped and reported with ``skip_bad``).
+Other columns are not read, and a warning names them.
 """
 
 from __future__ import annotations
@@ -84,6 +85,17 @@ def is_coco_results(path: str | os.PathLike) -> bool:
             and ("category_id" in data[0] or "probs" in data[0]))
 
 
+def _is_json_object(path: str | os.PathLike) -> bool:
+    """A .json file holding one JSON object (not JSON lines, which a table may be)."""
+    if Path(path).suffix.lower() != ".json":
+        return False
+    try:
+        with open(path, "rb") as handle:
+            return isinstance(json.load(handle), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
 def read_predictions(path: str | os.PathLike | pd.DataFrame, task: str, index: ImageIndex,
                      classes: Sequence[str], *, category_ids: Sequence[int] | None = None,
                      model_id: str = "model", name: str | None = None, problems: Problems | None = None,
@@ -97,6 +109,10 @@ def read_predictions(path: str | os.PathLike | pd.DataFrame, task: str, index: I
         if is_coco_results(path):
             return read_coco_results(path, index, category_ids, task=task, model_id=model_id, name=name,
                                      problems=problems)
+        if _is_json_object(path):
+            raise IngestError("a JSON object is not a predictions file: COCO results are a JSON list of "
+                              "{image_id, category_id, bbox, score} objects (a COCO instances file is the "
+                              "ground truth: --coco)", file=str(path))
     return read_table_predictions(path, task, index, classes, model_id=model_id, name=name, problems=problems,
                                   image_col=image_col, id_col=id_col, class_index_base=class_index_base)
 
@@ -151,6 +167,25 @@ def _pick(frame: pd.DataFrame, names: Sequence[str]) -> str | None:
     return next((c for c in names if c in frame.columns), None)
 
 
+PROB_PREFIX = "prob_"  # one probability column per class: prob_<class name>
+
+
+def _wide_probs(frame: pd.DataFrame, classes: Sequence[str], file: str) -> list[str]:
+    """The ``prob_<class>`` columns, in class order ([] when there are none); every class needs one."""
+    given = {str(c)[len(PROB_PREFIX):]: str(c) for c in frame.columns if str(c).startswith(PROB_PREFIX)}
+    if not given:
+        return []
+    unknown = sorted(set(given) - set(classes))
+    if unknown:
+        raise IngestError(f"column {given[unknown[0]]!r} names no class", file=file, field=given[unknown[0]],
+                          choices=[PROB_PREFIX + c for c in classes])
+    missing = [c for c in classes if c not in given]
+    if missing:
+        raise IngestError(f"probabilities need a column per class: {PROB_PREFIX + missing[0]!r} is missing",
+                          file=file, field=PROB_PREFIX + missing[0], choices=[PROB_PREFIX + c for c in classes])
+    return [given[c] for c in classes]
+
+
 def read_table_predictions(source: str | os.PathLike | pd.DataFrame, task: str, index: ImageIndex,
                            classes: Sequence[str], *, model_id: str = "model", name: str | None = None,
                            problems: Problems | None = None, image_col: str = "image",
@@ -185,6 +220,14 @@ def read_table_predictions(source: str | os.PathLike | pd.DataFrame, task: str, 
     bad: set[int] = set()
     out = pd.DataFrame({"image_id": ids[rows]})
     n_classes = len(classes)
+    wide = _wide_probs(frame, classes, file) if "probs" not in frame.columns else []
+    if wide:
+        frame = frame.assign(probs=list(frame[wide].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)))
+    used = {image_col, id_col, pred_col, "probs", "score", *wide}
+    ignored = [str(c) for c in frame.columns if c not in used]
+    if ignored:
+        log.warning("%s: column(s) not read: %s (see 'visionlens ingest --help' for the columns read)",
+                    file, ", ".join(ignored))
     if "probs" in frame.columns:
         lists = []
         for row in rows:

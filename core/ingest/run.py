@@ -72,7 +72,11 @@ def parser() -> argparse.ArgumentParser:
     source.add_argument("--table", metavar="FILE", help="Azure RAI vision table: CSV, JSON lines or Parquet")
     p.add_argument("--images-root", metavar="DIR", help="folder image paths are relative to")
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--predictions", metavar="FILE", help="COCO results json or a predictions table")
+    model.add_argument("--predictions", metavar="FILE",
+                       help="COCO results json, or a table (CSV, JSON lines, Parquet) with columns: image (path) or "
+                            "image_id (the source's id); pred_label, prediction or label (a class name or index); "
+                            "score; probs (a list, in class order) or prob_<class> (one per class); for detection "
+                            "a detections list of [class, xmin, ymin, xmax, ymax, score]")
     model.add_argument("--model", metavar="MODULE:FUNCTION", help="function returning a torch model to run")
     p.add_argument("--model-name", help="display name of the model (its id is derived from it)")
     p.add_argument("--threshold", type=float,
