@@ -15,6 +15,7 @@ cannot make a cohort the URL could not carry.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Sequence
 
 import pandas as pd
@@ -298,7 +299,19 @@ def _choices(view: View, info: ColumnInfo) -> list[str]:
 def _range(_view: View, store_key: tuple, column: str) -> tuple[float, float]:
     q = quote_identifier(column)
     lo, hi = _view.store.rows(f'SELECT min({q}), max({q}) FROM "images"')[0]
-    return (float(lo) if lo is not None else 0.0, float(hi) if hi is not None else 0.0)
+    return readable_range(float(lo) if lo is not None else 0.0, float(hi) if hi is not None else 0.0)
+
+
+def readable_range(lo: float, hi: float) -> tuple[float, float]:
+    """``lo``..``hi`` widened to round numbers (three digits of the span): a new condition's default
+    reads 0.166 rather than the smallest value's 0.16699938398692812, and still holds every image."""
+    span = hi - lo
+    if not (math.isfinite(span) and span > 0):
+        return lo, hi
+    decimals = 2 - math.floor(math.log10(span))
+    step = 10.0 ** -decimals
+    return (round(math.floor(lo / step) * step, max(decimals, 0)),
+            round(math.ceil(hi / step) * step, max(decimals, 0)))
 
 
 def _numeric_default(view: View, info: ColumnInfo) -> tuple[float, float]:

@@ -319,7 +319,7 @@ def load_view() -> Loaded:
     catalog = catalog_of(store)
     state = StateDB.for_store(store.paths.base)
     parsed = parse_query_lenient(query, catalog)
-    problems.extend(parsed.errors)
+    problems.extend(e for e in parsed.errors if e.field != "store")  # read_store_param told it already
     cohort_dropped = any(e.field not in ("store", "model", "iou", "conf", "thr", "view", "page", "image")
                          for e in parsed.errors)
     cohort = parsed.cohort

@@ -117,6 +117,19 @@ def format_number(value: float | int) -> str:
     return repr(float(value))
 
 
+def display_number(value: float | int) -> str:
+    """A number to read: whole numbers whole, others to 4 significant digits (a URL keeps
+    ``format_number``'s exact text; 0.8333333333333334 reads 0.8333 on screen)."""
+    value = float(value)
+    if value.is_integer() and abs(value) < 2 ** 53:
+        return str(int(value))
+    if abs(value) >= 1e4:
+        return f"{value:.1f}"
+    if not math.isfinite(value) or abs(value) < 1e-3:
+        return f"{value:.4g}"
+    return np.format_float_positional(value, precision=4, unique=True, fractional=False, trim="-")
+
+
 def parse_number(text: str) -> int | float:
     """A decimal number (ASCII digits only; no nan/inf, no ``1_000``)."""
     text = text.strip()

@@ -43,8 +43,8 @@ import numpy as np
 import pandas as pd
 
 from .arrow_columns import categorical, columns_of, image_order, numbers
-from .cohorts import (Catalog, Cohort, ColumnInfo, Filter, catalog_of, compile_cohort, describe, frame_sql,
-                      quote_identifier)
+from .cohorts import (Catalog, Cohort, ColumnInfo, Filter, catalog_of, compile_cohort, describe, display_number,
+                      frame_sql, quote_identifier)
 from .errors import CohortError
 from .store import Store
 
@@ -736,7 +736,7 @@ def bin_numeric(feature: Feature, values: np.ndarray, bins: int, binning: str) -
     if len(distinct) <= bins:
         codes = np.searchsorted(distinct, values)
         for value in distinct:
-            labels.append(format_value(value))
+            labels.append(display_number(value))
             cohorts.append(Cohort((Filter(name, "eq", _as_filter_number(value)),)))
     else:
         cuts = numeric_edges(values, bins, binning)

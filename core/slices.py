@@ -40,8 +40,8 @@ import pandas as pd
 import pyarrow as pa
 
 from .arrow_columns import categorical, numbers
-from .cohorts import (Catalog, Cohort, Filter, catalog_of, filter_sql, format_number, frame_sql, quote_identifier,
-                      to_query)
+from .cohorts import (Catalog, Cohort, Filter, catalog_of, display_number, filter_sql, format_number, frame_sql,
+                      quote_identifier, to_query)
 from .errors import EvalError
 from .store import Store
 
@@ -148,7 +148,7 @@ def numeric_predicates(column: str, label: str, values: np.ndarray, *, bins: int
     if edges is None:
         for v in np.unique(values[present]):
             value = _plain(v)
-            out.append((Predicate(column, f"{label} = {format_number(value)}", (Filter(column, "eq", value),)),
+            out.append((Predicate(column, f"{label} = {display_number(value)}", (Filter(column, "eq", value),)),
                         values == v))
     else:
         if codes is None:
@@ -193,7 +193,8 @@ def categorical_predicates(column: str, label: str, values: pd.Series, *, min_si
     for code in np.flatnonzero(counts >= min_size):
         value = uniques[code]
         value = value.item() if hasattr(value, "item") else value  # numpy scalars → Python, as parsing gives
-        shown = ("true" if value else "false") if isinstance(value, bool) else value
+        shown = ("true" if value else "false") if isinstance(value, bool) else \
+            display_number(value) if isinstance(value, float) else value
         out.append((Predicate(column, f"{label} = {shown}", (Filter(column, "eq", value),)), codes == code))
     if missing.sum() >= min_size:
         out.append((Predicate(column, f"{label} is missing", (Filter(column, "isnull"),)), missing))

@@ -141,3 +141,11 @@ def test_editing_filters_keeps_every_condition_and_group(folder):
     assert not at.exception
     assert {k: v for k, v in at.query_params.items() if k not in ("store", "model")} == before
 
+
+
+def test_a_new_numeric_condition_starts_at_round_numbers_holding_every_image():
+    from app.cohort_bar import readable_range
+
+    assert readable_range(0.16699938398692812, 0.9012) == (0.166, 0.902)
+    assert readable_range(12.3, 4098.7) == (10.0, 4100.0)
+    assert readable_range(5.0, 5.0) == (5.0, 5.0)

@@ -92,6 +92,9 @@ def test_unknown_store_falls_back_to_a_demo_store(app):
     at = app("store=nope&site__eq=north")
     assert any("no store 'nope'" in e for e in errors(at))
     assert at.query_params["store"] == "demo-multiclass"
+    at = app("store=../../etc/passwd")
+    assert len(errors(at)) == 1 and "not a valid name" in errors(at)[0]  # told once
+    assert at.query_params["store"] == "demo-multiclass"
 
 
 def test_unknown_model_falls_back_to_the_first(app):

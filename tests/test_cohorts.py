@@ -609,3 +609,11 @@ def test_number_sets_sort_as_numbers_and_mixed_sets_by_kind():
     assert Filter("camera", "in", ("b", 2, "a", 1.5)).value == (1.5, 2, "a", "b")
     numbers, texts = Filter("x", "in", (2, 1)), Filter("x", "in", ("a",))
     assert Cohort((texts, numbers)).filters == (numbers, texts)  # keys of either kind compare
+
+
+def test_numbers_read_rounded_on_screen_and_exact_in_urls():
+    from core.cohorts import display_number, format_number
+
+    shown = [display_number(v) for v in (5 / 6, 4 / 3, 0.16699938398692812, 2.0, 12345.678, 0.00012, -1.5)]
+    assert shown == ["0.8333", "1.333", "0.167", "2", "12345.7", "0.00012", "-1.5"]
+    assert format_number(5 / 6) == "0.8333333333333334"

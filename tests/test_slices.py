@@ -142,6 +142,10 @@ def test_few_distinct_values_become_equalities():
     found = numeric_predicates("width", "Width", np.array([640, 640, 320, 1024.0]), bins=5)
     assert [f.filters for f, _ in found] == [(Filter("width", "eq", 320),), (Filter("width", "eq", 640),),
                                              (Filter("width", "eq", 1024),)]
+    # Read rounded, filtered exactly.
+    found = numeric_predicates("aspect_ratio", "Aspect ratio", np.array([5 / 6, 5 / 6, 4 / 3]), bins=5)
+    assert [f.label for f, _ in found] == ["Aspect ratio = 0.8333", "Aspect ratio = 1.333"]
+    assert found[0][0].filters == (Filter("aspect_ratio", "eq", 5 / 6),)
 
 
 # --------------------------------------------------------------------------- on a store
