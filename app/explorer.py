@@ -161,6 +161,7 @@ def _selection_actions(view: View, picked: list[int]) -> None:
 LABEL_TYPES = {"true_label": "True label", "pred_label": "Predicted label"}
 SHOW = {"all": "All", "correct": "Correct only", "incorrect": "Incorrect only"}
 PER_LABEL = (4, 8, 12, 16, 24, 32, 48)
+DEFAULT_CLASS_GRIDS = 5  # classes shown at first: a store of up to five shows every one
 
 
 def _label_ids_text(ids: list[int]) -> str:
@@ -181,7 +182,7 @@ def class_view(view: View) -> None:
         on_per = nav.bind_choice(view, "vl_class_per", PARAM + "per_label", PER_LABEL, 8)
         per_label = st.select_slider("Images per label", PER_LABEL, key="vl_class_per", on_change=on_per, width=220)
     ids = range(len(view.classes))
-    default_ids = list(ids)[:3]
+    default_ids = list(ids)[:DEFAULT_CLASS_GRIDS]
     wanted = nav.page_param(PARAM + "labels")
     chosen_ids = default_ids
     if wanted:

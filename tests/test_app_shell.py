@@ -215,6 +215,10 @@ def test_class_view_choices_live_in_the_url(app):
     assert all("(incorrect only)" in h for h in headers)
     at.multiselect(key="vl_class_labels").select(2).run()
     assert at.query_params["explorer.labels"] == "1,2,3"
+    # Without a choice: the first five classes, so a store of up to five shows every one.
+    at = app("store=demo-multilabel&view=classes", page="pages/explorer.py")
+    labels = at.multiselect(key="vl_class_labels")
+    assert len(labels.options) == 4 and labels.value == [0, 1, 2, 3]
 
 
 def test_page_files_are_named_after_their_url_paths():
