@@ -23,8 +23,7 @@ from core.cohorts import Cohort
 from core.error_analysis import available_features
 from core.fairness import BINNINGS, METRICS as GROUP_METRICS, cohort_group_metrics
 from core.metrics.classification import (NORMALIZATIONS, classification_metrics, classification_metrics_of_cohorts,
-                                         confusion_matrix,
-                                         multilabel_arrays, multilabel_metrics, normalize_confusion)
+                                         confusion_matrix, multilabel_arrays, multilabel_metrics, normalize_confusion)
 from core.metrics.detection import (AVERAGES, BACKGROUND, CohortEvaluation, confusion_matrix_detection,
                                     detection_metrics, evaluate_cohort, pr_curves, tide_errors)
 from core.report_charts import metric_by_group
