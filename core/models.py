@@ -40,7 +40,9 @@ def resolve(spec: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise IngestError(f"cannot import {module_name!r}: {exc}", field="loader") from exc
+        raise IngestError(f"cannot import {module_name!r}: {exc} (it must be importable wherever VisionLens runs "
+                          "it, the app included: install its package, or add its folder to PYTHONPATH)",
+                          field="loader") from exc
     try:
         return getattr(module, attr)
     except AttributeError as exc:

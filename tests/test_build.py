@@ -153,3 +153,13 @@ def test_duplicate_images_and_unknown_task(tmp_path):
     assert err.value.row == 3
     with pytest.raises(IngestError, match="unknown task"):
         build_store(tmp_path / "x.duckdb", Dataset("x", "segmentation", [], ds.images))
+
+
+def test_a_loader_that_cannot_be_imported_says_how_to_make_it_importable():
+    from core.models import resolve
+
+    with pytest.raises(IngestError, match="PYTHONPATH") as info:
+        resolve("no_such_package_here.models:load")
+    assert info.value.field == "loader" and "no_such_package_here" in info.value.message
+    with pytest.raises(IngestError, match="module:function"):
+        resolve("no_colon")
