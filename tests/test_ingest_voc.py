@@ -165,3 +165,25 @@ def test_ingest_voc_end_to_end(voc_tree, tmp_path, capsys):
     assert store.rows("SELECT width, height FROM images WHERE image_id = 2") == [(50, 40)]
     assert store.model_ids() == []
     store.close()
+
+
+def test_boxes_drawn_on_an_upright_photo_are_stored_on_its_pixels(tmp_path, capsys):
+    """<size> 40 x 50 for a photo stored 50 x 40 with EXIF 6: the box was drawn upright."""
+    root = tmp_path / "voc"
+    image(root / "a.jpg")
+    with Image.open(root / "a.jpg") as picture:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        picture.convert("RGB").save(root / "a.jpg", exif=exif)
+    voc_xml(root / "a.xml", "a.jpg", [("dog", 2, 5, 12, 25, 0)])
+    text = (root / "a.xml").read_text().replace("<width>50</width><height>40</height>",
+                                                "<width>40</width><height>50</height>")
+    (root / "a.xml").write_text(text)
+    assert read_voc(root).declared_sizes.to_dict("records") == [{"image_id": 0, "width": 40, "height": 50}]
+    out = tmp_path / "upright.duckdb"
+    assert ingest_main(["--task", "detection", "--out", str(out), "--voc", str(root)]) == 0
+    assert "were given upright" in capsys.readouterr().out
+    store = Store(out)
+    # Stored 50 x 40: EXIF 6 turns (x, y) to (40 - y, x), so upright [2, 5, 12, 25] was [5, 28, 25, 38].
+    assert store.rows("SELECT xmin, ymin, xmax, ymax FROM gt_boxes") == [(5, 28, 25, 38)]
+    store.close()

@@ -131,6 +131,15 @@ def _objects(xml_path: Path, tree: ET.Element) -> list[tuple[str, float, float, 
     return objects
 
 
+def _declared_size(tree: ET.Element) -> tuple[int, int] | None:
+    """``<size>``'s width and height (the frame the boxes were drawn in), when both are positive integers."""
+    try:
+        width, height = (int((tree.findtext(f"size/{tag}") or "").strip()) for tag in ("width", "height"))
+    except ValueError:
+        return None
+    return (width, height) if width > 0 and height > 0 else None
+
+
 def read_voc(root: str | os.PathLike, images_root: str | os.PathLike | None = None, *,
              task: str = "detection", name: str | None = None,
              problems: Problems | None = None) -> Dataset:
@@ -144,6 +153,7 @@ def read_voc(root: str | os.PathLike, images_root: str | os.PathLike | None = No
     image_root = Path(absolute(images_root)) if images_root is not None else None
     finder = _ImageFinder(image_root or root_path)
     uris: list[str] = []
+    declared: list[tuple[int, int] | None] = []
     objects: list[list[tuple]] = []
     seen: dict[str, str] = {}
     ignored = 0
@@ -173,6 +183,7 @@ def read_voc(root: str | os.PathLike, images_root: str | os.PathLike | None = No
             continue
         seen[uri] = str(xml_path)
         uris.append(uri)
+        declared.append(_declared_size(tree))
         objects.append(boxes)
     if ignored:
         log.info("%d xml file(s) below %s are not VOC annotations; ignored", ignored, root_path)
@@ -195,6 +206,8 @@ def read_voc(root: str | os.PathLike, images_root: str | os.PathLike | None = No
     })
     gt["area"] = (gt["xmax"] - gt["xmin"]) * (gt["ymax"] - gt["ymin"])
     images = pd.DataFrame({"image_id": np.arange(len(uris), dtype=np.int64), "uri": uris})
+    sizes = pd.DataFrame([(i, *size) for i, size in enumerate(declared) if size is not None],
+                         columns=["image_id", "width", "height"])
     labels = [np.unique(np.array([class_index[o[0]] for o in boxes], dtype=np.int32)) for boxes in objects]
     gt_boxes = None
     if task == "detection":
@@ -213,4 +226,4 @@ def read_voc(root: str | os.PathLike, images_root: str | os.PathLike | None = No
         images["true_label"] = [int(v[0]) if len(v) == 1 else -1 for v in labels]
         images = images[single].reset_index(drop=True)
     return Dataset(name=name or root_path.name, task=task, classes=classes, images=images,
-                   gt_boxes=gt_boxes, extra_meta={"images_root": str(image_root or root_path)})
+                   gt_boxes=gt_boxes, extra_meta={"images_root": str(image_root or root_path)}, declared_sizes=sizes)
