@@ -302,6 +302,19 @@ def test_ingest_coco_end_to_end(tmp_path, capsys):
     assert store.rows("SELECT image_id, class_id FROM det_boxes WHERE model_id = 'second'") == [(1, 1)]
     store.close()
 
+    # A dataset source again would rebuild the store and drop both models: only when asked.
+    again = ["--task", "detection", "--out", str(out), "--coco", str(gt), "--images-root", str(tmp_path),
+             "--predictions", str(res2)]
+    assert ingest_main(again) == 2
+    assert "a store is already here" in capsys.readouterr().err
+    store = Store(out)
+    assert store.model_ids() == ["Faster-RCNN", "second"]
+    store.close()
+    assert ingest_main([*again, "--replace"]) == 0
+    store = Store(out)
+    assert store.model_ids() == ["second"]
+    store.close()
+
 
 def test_boxes_drawn_on_upright_photos_are_stored_in_the_stored_frame(tmp_path, capsys):
     """The json gives a quarter-turned photo (EXIF 6, stored 40 x 30) as 30 x 40: its boxes, and

@@ -82,6 +82,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float,
                    help="multilabel label threshold / detection score threshold (default 0.5)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows and images, list them at the end")
+    p.add_argument("--replace", action="store_true",
+                   help="with a dataset source, rebuild an existing store (its models and results go)")
     p.add_argument("--exif-boxes", choices=EXIF_BOXES, default="auto",
                    help="frame of the boxes of EXIF-rotated photos: 'upright' (as a viewer shows them), 'stored' "
                         "(raw pixels, as COCO and torchvision read them) or 'auto' (default: the one the COCO "
@@ -192,6 +194,10 @@ def _ingest(args: argparse.Namespace, problems: Problems, bar: ProgressBar) -> l
         print(f"added model {run.model_id!r} to {paths.base}")
         return list(problems.skipped)
 
+    if paths.base.exists() and not args.replace:
+        raise IngestError("a store is already here: to add a model to it, give --predictions or --model without "
+                          "a dataset source; to build it anew from the dataset (dropping its models and "
+                          "results), add --replace", file=str(paths.base))
     bar("reading", 0, 1)
     dataset = _read_dataset(args, paths.name, problems)
     bar("reading", 1, 1)
