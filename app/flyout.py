@@ -247,8 +247,9 @@ def _compute_explanation(view: View, image_id: int) -> None:
         return
     st.caption("No explanation stored for this image and model.")
     if not view.model_params().get("loader"):
-        st.caption("This model was stored from a predictions file, so it cannot be re-run here; "
-                   "compute explanations where the model is available with `visionlens precompute`.")
+        st.caption("This model was stored from a predictions file, so it cannot be re-run to explain an image. "
+                   "Ingest it with `--model module:function` to compute explanations (`visionlens precompute "
+                   "--explain`, or here).")
         return
     asked = f"vl_fly_explain_{image_id}"
     if not st.session_state.get(asked):

@@ -133,18 +133,32 @@ def app_icon() -> Image.Image:
     return icon
 
 
-def _pages(view: View | None) -> list[st.Page]:
+def _pages(view: View | None) -> tuple[list[st.Page], list[st.Page]]:
+    """(the pages the menu lists, and pages that need more models than the store has: a link to one
+    says so rather than Streamlit's "Page not found")."""
     pages = [st.Page(home.render, title="Overview", icon=":material/home:", url_path="overview", default=True)]
     pages += [st.Page(spec.path, title=spec.title, icon=spec.icon, url_path=spec.url_path)
               for spec in PAGES if spec.suits(view) and spec.path.is_file()]
-    return pages
+    lacking = [st.Page(_needs_models(spec, view), title=spec.title, icon=spec.icon, url_path=spec.url_path)
+               for spec in PAGES if view is not None and view.task in spec.tasks and not spec.suits(view)]
+    return pages, lacking
+
+
+def _needs_models(spec: PageSpec, view: View):
+    def render() -> None:
+        st.header(spec.title)
+        have = len(view.catalog.models)
+        needed = "a model's predictions" if spec.min_models == 1 else f"{spec.min_models} models' predictions"
+        st.info(f"{spec.title} needs {needed}; this store has {have or 'none'}. Add one with `visionlens ingest --task {view.task} --predictions "
+                f"FILE --out {view.store.paths.base}` (or `--model module:function`).", icon=":material/info:")
+    return render
 
 
 def navigation(view: View | None) -> st.Page:
     """Register the pages for this store (menu hidden) and return the one to run."""
-    pages = _pages(view)
+    pages, lacking = _pages(view)
     st.session_state["_vl_pages"] = pages
-    return st.navigation(pages, position="hidden")
+    return st.navigation(pages + lacking, position="hidden")
 
 
 def page_links(view: View | None, container=None, *, with_home: bool = True) -> None:

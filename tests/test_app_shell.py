@@ -303,3 +303,25 @@ def test_every_page_preloads_the_element_code_later_pages_need(app):
     [html] = [e for e in at.sidebar if type(e).__name__ == "Html"]
     assert all(f'"{name}"' in html.proto.body for name in files)
     assert html.proto.unsafe_allow_javascript
+
+
+def test_a_link_to_a_page_needing_a_model_is_registered_on_a_store_without_one():
+    """Not in the menu, but a shared /model-overview link gets the page's own words, not "Page not found"."""
+    script = """
+import streamlit as st
+from types import SimpleNamespace
+from app import nav
+
+view = SimpleNamespace(task="detection", catalog=SimpleNamespace(models={}),
+                       store=SimpleNamespace(paths=SimpleNamespace(base="data/voc.duckdb")))
+listed, lacking = nav._pages(view)
+st.text(",".join(p.url_path for p in listed))
+st.text(",".join(p.url_path for p in lacking))
+lacking[0]._page()
+"""
+    at = AppTest.from_string(script, default_timeout=60).run()
+    listed, lacking = (t.value.split(",") for t in at.text)
+    assert set(lacking) == {s.url_path for s in nav.PAGES if s.min_models and "detection" in s.tasks}
+    assert "model-overview" in lacking and not set(listed) & set(lacking)
+    assert "needs a model's predictions; this store has none" in at.info[0].value
+    assert "--predictions FILE --out data/voc.duckdb" in at.info[0].value
