@@ -26,4 +26,3 @@ try:
     page.run()
 finally:
     state.end_run()
-nav.warm_up()  # after the first page is drawn: its imports don't compete with that page

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import functools
 import gc
-import importlib
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,22 +67,6 @@ def freeze_imports() -> None:
     """Leave what is imported by now (it lives as long as the process) out of the garbage
     collector's full passes, which otherwise walk every one of its objects: once per process."""
     gc.freeze()
-
-
-# Imported in the background once the first page is drawn, rather than by the page that first uses them:
-# scikit-learn's trees take 1.7-2.4 s to import here, longer than the error tree's fit at a million images.
-WARM_MODULES = ("sklearn.tree",)
-
-
-@st.cache_resource(show_spinner=False)
-def warm_up() -> None:
-    """Start importing ``WARM_MODULES`` in a background thread: once per process."""
-    threading.Thread(target=_import_modules, args=(WARM_MODULES,), name="visionlens-warm-up", daemon=True).start()
-
-
-def _import_modules(names: tuple[str, ...]) -> None:
-    for name in names:
-        importlib.import_module(name)
 
 
 # Streamlit's browser code fetches and compiles each element type's code on its first use in a

@@ -210,10 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start")
-    started = time.perf_counter()
-    import sklearn.tree  # noqa: F401
-    print(f"import sklearn.tree: {(time.perf_counter() - started) * 1000:.0f} ms (the app imports it in the "
-          "background once its first page is drawn, so no fit below waits for it)")
     for task in args.tasks.split(","):
         for size in args.sizes.split(","):
             # One folder per store: the app serves the whole folder.

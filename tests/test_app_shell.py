@@ -274,26 +274,6 @@ def test_no_full_garbage_collection_after_every_run():
     assert gc.get_freeze_count() == frozen
 
 
-def test_the_first_page_drawn_starts_importing_what_later_pages_need(app, monkeypatch):
-    """Once per process, in a background thread: the first error tree then doesn't wait for sklearn."""
-    import threading
-
-    import sys
-
-    calls = []
-    original = nav._import_modules
-    monkeypatch.setattr(nav, "_import_modules", lambda names: (calls.append(names), original(names)))
-    monkeypatch.setattr(nav, "WARM_MODULES", ("tabnanny",))  # a module nothing here imports
-    monkeypatch.delitem(sys.modules, "tabnanny", raising=False)
-    nav.warm_up.clear()
-    for _ in range(2):
-        app("store=demo-multiclass", "pages/cohorts.py")
-        for thread in threading.enumerate():
-            if thread.name == "visionlens-warm-up":
-                thread.join(timeout=30)
-    assert calls == [("tabnanny",)] and "tabnanny" in sys.modules
-
-
 def test_every_page_preloads_the_element_code_later_pages_need(app):
     """Each preloaded name is a file of this Streamlit (a renamed one would silently load nothing),
     and the sidebar asks the browser for them."""
