@@ -22,7 +22,7 @@ from core import heatmap
 from core.cohorts import Cohort, Filter
 from core.explain import available_explanations, load_explanation
 from core.exif import read_exif, turn_boxes, upright
-from core.metrics.detection import image_objects
+from core.metrics.detection import image_ground_truth, image_objects
 
 from . import urlsync
 from .charts import bars_height, probability_frame, probability_spec
@@ -34,6 +34,7 @@ from .whatif import render_whatif
 EXPLAIN_TOP_K = {"multiclass": 1, "multilabel": 3, "detection": 3}
 BOX_STATUSES = {"tp": "correct (TP)", "fp": "wrong (FP)", "fn": "missed (FN)", "gt": "matched ground truth",
                 "ignored": "ignored (crowd / beyond 100)"}
+_TRUTH_STATUSES = {"gt": "ground truth", "ignored": "crowd (ignored)"}
 _IGNORED_COLOR = "#9aa3b5"
 # Small images are enlarged to about this longest side before boxes and captions are
 # drawn, so a 32-px image still shows readable labels.
@@ -111,8 +112,11 @@ def _picture(view: View, image_id: int, uri: str, objects: pd.DataFrame | None) 
     if factor > 1:
         image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
     if objects is not None and len(objects):
-        shown = st.pills("Boxes", list(BOX_STATUSES), default=["tp", "fp", "fn"], selection_mode="multi",
-                         format_func=BOX_STATUSES.get, key=f"vl_fly_boxes_{image_id}")
+        # Without a model every box is ground truth.
+        names = BOX_STATUSES if view.model_id is not None else _TRUTH_STATUSES
+        default = ["tp", "fp", "fn"] if view.model_id is not None else list(names)
+        shown = st.pills("Boxes", list(names), default=default, selection_mode="multi",
+                         format_func=names.get, key=f"vl_fly_boxes_{image_id}")
         boxes = _boxes_to_draw(view, objects, set(shown or ()))
         corners = ["xmin", "ymin", "xmax", "ymax"]
         boxes[corners] = turn_boxes(boxes[corners].to_numpy(), *stored_size, orientation) * factor
@@ -154,7 +158,11 @@ def _prediction(view: View, image_id: int) -> pd.DataFrame | None:
     if view.model_id is None:
         st.markdown(f"**True:** {_names(view, np.atleast_1d(row['true_label']))}")
         st.caption("No model predictions in this store.")
-        return None
+        if view.task != "detection":
+            return None
+        # The ground truth alone, drawn as matched ground truth (crowd regions as ignored).
+        boxes = image_ground_truth(view.store, image_id)
+        return boxes.assign(kind="gt", status=np.where(boxes["iscrowd"], "ignored", "tp"))
     outcome = row.get("outcome")
     badge = {"correct": ":green-badge[correct]", "incorrect": ":red-badge[incorrect]"}.get(outcome, ":gray-badge[no prediction]")
     st.markdown(f"**Model** `{view.model_id}` · {badge}")

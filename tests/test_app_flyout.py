@@ -132,3 +132,31 @@ def test_an_unreadable_file_shows_its_thumbnail_without_boxes(folder, app):
         assert not [p for p in at.get("button_group") if "Boxes" in str(p.proto.label)]
     finally:
         uri.write_bytes(original)
+
+
+def test_a_store_without_a_model_shows_the_ground_truth_boxes(tmp_path, monkeypatch, write_images):
+    """A freshly ingested detection set (no model yet): its boxes are there to check by eye."""
+    import pandas as pd
+
+    from core import heatmap
+    from core.ingest.build import Dataset, build_store
+
+    images = pd.DataFrame({"image_id": [0], "uri": write_images(tmp_path / "img", 1, (40, 30)), "true_label": [[]]})
+    gt = pd.DataFrame({"image_id": [0, 0], "gt_id": [0, 1], "class_id": [0, 1], "xmin": [2, 20], "ymin": [3, 5],
+                       "xmax": [12, 30], "ymax": [13, 25], "iscrowd": [False, True]})
+    build_store(tmp_path / "truth.duckdb", Dataset("truth", "detection", ["car", "dog"], images, gt))
+    drawn = []
+    draw_boxes = heatmap.draw_boxes
+    monkeypatch.setattr(heatmap, "draw_boxes", lambda image, boxes, *a, **k: (drawn.append(boxes.copy()),
+                                                                               draw_boxes(image, boxes, *a, **k))[1])
+    monkeypatch.setenv("VISIONLENS_DATA", str(tmp_path))
+    with served_navigation():
+        at = open_app("store=truth&image=0", page="pages/explorer.py")
+    assert any("No model predictions" in c.value for c in at.caption)
+    assert next(b for b in at.get("button_group") if b.key == "vl_fly_boxes_0").value == ["gt", "ignored"]
+    boxes = drawn[0]
+    scale = boxes["xmax"].iloc[0] / 12
+    assert boxes["label"].tolist() == ["car", "dog"] and boxes["status"].tolist() == ["gt", "gt"]
+    np.testing.assert_allclose(boxes[["xmin", "ymin", "xmax", "ymax"]].to_numpy() / scale,
+                               [[2, 3, 12, 13], [20, 5, 30, 25]])
+    assert boxes["color"].iloc[1] is not None  # the crowd region in the ignored colour

@@ -761,6 +761,13 @@ def image_objects(store, model_id: str, image_id: int, iou: float,
     return frame
 
 
+def image_ground_truth(store, image_id: int) -> pd.DataFrame:
+    """One image's ground-truth boxes (a store without a model has no matches to read them from):
+    id (gt_id), class_id, xmin, ymin, xmax, ymax, iscrowd."""
+    return store.query('SELECT gt_id AS id, class_id, xmin, ymin, xmax, ymax, iscrowd FROM "gt_boxes" '
+                       'WHERE image_id = ? ORDER BY gt_id', [int(image_id)])
+
+
 # --------------------------------------------------------------------------- errors
 
 
