@@ -131,8 +131,9 @@ def _needs_models(spec: PageSpec, view: View):
         st.header(spec.title)
         have = len(view.catalog.models)
         needed = "a model's predictions" if spec.min_models == 1 else f"{spec.min_models} models' predictions"
-        st.info(f"{spec.title} needs {needed}; this store has {have or 'none'}. Add one with `visionlens ingest --task {view.task} --predictions "
-                f"FILE --out {view.store.paths.base}` (or `--model module:function`).", icon=":material/info:")
+        st.info(f"{spec.title} needs {needed}; this store has {have or 'none'}. Add one with `visionlens ingest "
+                f"--task {view.task} --predictions FILE --out {view.store.paths.base}` (or `--model "
+                "module:function`).", icon=":material/info:")
     return render
 
 

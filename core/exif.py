@@ -138,6 +138,14 @@ def _turned_points(x: np.ndarray, y: np.ndarray, w: np.ndarray, h: np.ndarray, c
             np.select(conditions, [p[1] for p in cases.values()], y))
 
 
+QUARTER_TURNS = (5, 6, 7, 8)  # orientations whose upright picture swaps width and height
+
+
+def upright_size(width: float, height: float, orientation: object) -> tuple[float, float]:
+    """The size of an image stored ``width`` x ``height`` once turned upright."""
+    return (height, width) if orientation_codes(orientation)[0] in QUARTER_TURNS else (width, height)
+
+
 def orientation_codes(orientation: object) -> np.ndarray:
     """EXIF orientations as integers 1..8 (missing or invalid: 1, as stored)."""
     values = pd.to_numeric(pd.Series(np.atleast_1d(np.asarray(orientation, dtype=object))), errors="coerce")

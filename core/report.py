@@ -37,7 +37,7 @@ from .cohorts import (Catalog, Cohort, Filter, catalog_of, cohort_rows, compile_
 from .compare import (LOWER_IS_BETTER, ComparisonResult, check_models, compare_models, metric_names, model_metrics,
                       parse_named)
 from .errors import EvalError
-from .exif import orientation_codes, turn_boxes, upright
+from .exif import turn_boxes, upright, upright_size
 from .slices import MIN_LIFT, Slice, find_slices
 from .state import STATUSES, StateDB
 from .store import Store
@@ -360,8 +360,7 @@ def _samples(store: Store, catalog: Catalog, model_id: str, thresholds: dict, to
             # Stored-frame boxes, turned upright and scaled to the picture (from the file or its thumbnail).
             corners = ["xmin", "ymin", "xmax", "ymax"]
             turned = turn_boxes(boxes[corners].to_numpy(), row.width, row.height, orientation)
-            upright_width = row.height if orientation_codes(orientation)[0] in (5, 6, 7, 8) else row.width
-            boxes[corners] = turned * (image.width / upright_width)
+            boxes[corners] = turned * (image.width / upright_size(row.width, row.height, orientation)[0])
             boxes["text"] = [catalog.classes[int(c)] for c in boxes["class_id"]]  # class only: IoU is too long
             image = draw_boxes(image, boxes)
             shows = "boxes" if shows == "labels" else f"{shows} + boxes"
@@ -780,8 +779,7 @@ def _slices_section(doc: _Layout, card: Scorecard) -> None:
     doc.section("Top error slices",
                 f"Metadata slices where the error rate is at least {MIN_LIFT:g} times the overall {overall}, found "
                 "by SliceLine (Sagadeeva & Boehm, SIGMOD 2021) over quantile-binned numeric and categorical columns, "
-                "ranked "
-                "by its score, which weighs how much worse a slice is against how small it is.", space=60)
+                "ranked by its score, which weighs how much worse a slice is against how small it is.", space=60)
     if not card.slices:
         doc.text("No slice has an error rate clearly above the overall rate.", color=_MUTED)
         return

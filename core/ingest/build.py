@@ -20,7 +20,7 @@ import pandas as pd
 
 from .. import store as store_mod
 from ..errors import IngestError
-from ..exif import orientation_codes, turn_boxes
+from ..exif import QUARTER_TURNS, orientation_codes, turn_boxes
 from ..metrics.detection import store_evaluations
 
 log = logging.getLogger(__name__)
@@ -454,7 +454,7 @@ def boxes_given_upright(images: pd.DataFrame, declared: pd.DataFrame | None, mod
         return False
     sizes = images[["image_id", "width", "height", "exif_orientation"]].merge(
         declared, on="image_id", suffixes=("", "_declared"))
-    quarter = np.isin(orientation_codes(sizes["exif_orientation"]), [5, 6, 7, 8]) & \
+    quarter = np.isin(orientation_codes(sizes["exif_orientation"]), QUARTER_TURNS) & \
         (sizes["width"] != sizes["height"]).to_numpy()
     upright = quarter & (sizes["width_declared"] == sizes["height"]).to_numpy() & \
         (sizes["height_declared"] == sizes["width"]).to_numpy()

@@ -66,34 +66,34 @@ def store_index(store: Store) -> ImageIndex:
                       dropped_uris=set(skipped.get("uris", ())), dropped_source_ids=set(skipped.get("source_ids", ())))
 
 
-def is_coco_results(path: str | os.PathLike) -> bool:
-    """A .json file holding a list of COCO result objects (``image_id`` + ``category_id`` or ``probs``)."""
+def _json_document(path: str | os.PathLike) -> object | None:
+    """A .json file's one JSON document (list or object); None for anything else (JSON lines, which a
+    table may be, included)."""
     if Path(path).suffix.lower() != ".json":
-        return False
+        return None
     with open(path, "rb") as handle:
         head = handle.read(4096).lstrip()
     if not head.startswith(b"[") and not head.startswith(b"{"):
-        return False
+        return None
     try:
         with open(path, "rb") as handle:
-            data = json.load(handle)
+            return json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+        return None
+
+
+def _holds_coco_results(data: object) -> bool:
+    """A list of COCO result objects (``image_id`` + ``category_id`` or ``probs``), or an object
+    whose ``annotations`` are one."""
     if isinstance(data, dict):
         data = data.get("annotations")
     return (isinstance(data, list) and bool(data) and isinstance(data[0], dict) and "image_id" in data[0]
             and ("category_id" in data[0] or "probs" in data[0]))
 
 
-def _is_json_object(path: str | os.PathLike) -> bool:
-    """A .json file holding one JSON object (not JSON lines, which a table may be)."""
-    if Path(path).suffix.lower() != ".json":
-        return False
-    try:
-        with open(path, "rb") as handle:
-            return isinstance(json.load(handle), dict)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+def is_coco_results(path: str | os.PathLike) -> bool:
+    """A .json file holding a list of COCO result objects (``image_id`` + ``category_id`` or ``probs``)."""
+    return _holds_coco_results(_json_document(path))
 
 
 def read_predictions(path: str | os.PathLike | pd.DataFrame, task: str, index: ImageIndex,
@@ -106,10 +106,11 @@ def read_predictions(path: str | os.PathLike | pd.DataFrame, task: str, index: I
     if not isinstance(path, pd.DataFrame):
         if not os.path.isfile(path):
             raise IngestError("predictions file not found", file=str(path))
-        if is_coco_results(path):
+        document = _json_document(path)  # parsed once: results, another object, or a table
+        if _holds_coco_results(document):
             return read_coco_results(path, index, category_ids, task=task, model_id=model_id, name=name,
                                      problems=problems)
-        if _is_json_object(path):
+        if isinstance(document, dict):
             raise IngestError("a JSON object is not a predictions file: COCO results are a JSON list of "
                               "{image_id, category_id, bbox, score} objects (a COCO instances file is the "
                               "ground truth: --coco)", file=str(path))
