@@ -287,17 +287,19 @@ def test_every_page_preloads_the_element_code_later_pages_need(app):
 
 def test_a_link_to_a_page_needing_a_model_is_registered_on_a_store_without_one():
     """Not in the menu, but a shared /model-overview link gets the page's own words, not "Page not found"."""
+    # Guarded: multiprocessing's spawned children re-run the last __main__ script (as __mp_main__).
     script = """
-import streamlit as st
-from types import SimpleNamespace
-from app import nav
+if __name__ == "__main__":
+    import streamlit as st
+    from types import SimpleNamespace
+    from app import nav
 
-view = SimpleNamespace(task="detection", catalog=SimpleNamespace(models={}),
-                       store=SimpleNamespace(paths=SimpleNamespace(base="data/voc.duckdb")))
-listed, lacking = nav._pages(view)
-st.text(",".join(p.url_path for p in listed))
-st.text(",".join(p.url_path for p in lacking))
-lacking[0]._page()
+    view = SimpleNamespace(task="detection", catalog=SimpleNamespace(models={}),
+                           store=SimpleNamespace(paths=SimpleNamespace(base="data/voc.duckdb")))
+    listed, lacking = nav._pages(view)
+    st.text(",".join(p.url_path for p in listed))
+    st.text(",".join(p.url_path for p in lacking))
+    lacking[0]._page()
 """
     at = AppTest.from_string(script, default_timeout=60).run()
     listed, lacking = (t.value.split(",") for t in at.text)
