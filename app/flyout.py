@@ -284,7 +284,8 @@ def _compute_explanation(view: View, image_id: int) -> None:
             return
         progress.empty()
         view.store.refresh()
-        st.toast(f"Stored {written} explanation map(s).")
+        # Nothing written: the map was stored meanwhile (a background precompute, another tab).
+        st.toast(f"Stored {written} explanation map(s)." if written else "This explanation was already stored.")
         st.rerun()
 
 

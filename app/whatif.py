@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from core import heatmap
 from core import perturbation_kinds as P
-from core.cohorts import format_number
+from core.cohorts import display_number, format_number
 from core.errors import VisionLensError
 from core.robustness import describe_outcome
 from core.store import Store
@@ -202,8 +202,14 @@ def render_whatif(view: View, image_id: int) -> None:
         return
     size = view.query('SELECT width, height FROM "images" WHERE image_id = ?', [image_id]).iloc[0]
     size = (int(size["width"]), int(size["height"]))
+    tied = result.perturbed.tied_top(view.task)
     if settings.is_identity:
         st.caption("Move a slider to perturb the image; the model re-runs on what it would see.")
+    elif tied:
+        names = ", ".join(view.classes[k] for k in tied)
+        st.markdown(f":orange-badge[:material/balance: no clear prediction] {settings.describe()}: {names} tie at "
+                    f"{display_number(float(np.max(result.perturbed.probs)))}; the first of them is shown as "
+                    "the prediction.")
     elif result.flipped:
         st.markdown(":red-badge[:material/swap_horiz: prediction changed] " + settings.describe())
     else:

@@ -69,6 +69,8 @@ METRICS = {"multiclass": ("accuracy", "f1_macro"), "multilabel": ("exact_match",
 METRIC_LABELS = {"accuracy": "Accuracy", "f1_macro": "Macro F1", "exact_match": "Exact match",
                  "mAP": "mAP at the IoU", "AP": "COCO AP (IoU .50:.95)"}
 DIRECTIONS = {1: "up", -1: "down"}
+# Probabilities closer than this are a tie: float32 softmax of equal logits can differ in the last bits.
+TIE_TOLERANCE = 1e-6
 Progress = Callable[[int, int], None]
 
 
@@ -84,6 +86,15 @@ class Outcome:
     score: float | None = None
     boxes: pd.DataFrame | None = None  # detection: ``objects`` at the chosen IoU and score threshold
     counts: tuple[int, int, int] | None = None  # detection: TP, FP, FN
+
+    def tied_top(self, task: str) -> list[int]:
+        """Multiclass: the classes sharing the highest probability when two or more do (argmax then
+        picks the first of them, not the model); empty otherwise."""
+        if task != "multiclass" or self.probs is None or len(self.probs) < 2:
+            return []
+        probs = np.asarray(self.probs, dtype=np.float64)
+        top = np.flatnonzero(np.isclose(probs, probs.max(), rtol=0.0, atol=TIE_TOLERANCE))
+        return top.tolist() if len(top) > 1 else []
 
 
 def describe_outcome(outcome: Outcome, classes: Sequence[str], task: str) -> str:

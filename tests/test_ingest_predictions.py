@@ -89,7 +89,8 @@ def test_join_by_source_id(dataset):
     ({"image": "images/day/p1.png", "pred_label": "zebra"}, "pred_label", "unknown class 'zebra'"),
     ({"image": "images/day/p1.png", "pred_label": 3}, "pred_label", "unknown class 3"),
     ({"image": "images/day/p1.png", "pred_label": "a", "score": float("nan")}, "score", "finite"),
-    ({"image": "images/day/p1.png", "pred_label": "a", "probs": [0.5, 0.5]}, "probs", "3 finite numbers"),
+    ({"image": "images/day/p1.png", "pred_label": "a", "probs": [0.5, 0.5]}, "probs",
+     "3 finite numbers, one per class of the store (a, b, c)"),
     ({"image": "images/day/p1.png", "pred_label": "a", "probs": "[0.5, 0.5"}, "probs", "not a JSON list"),
 ])
 def test_bad_prediction_rows(dataset, row, field, text):

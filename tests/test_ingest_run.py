@@ -179,7 +179,8 @@ def test_progress_bar_and_model_ids():
     bar("metadata", 0, 10)
     bar("metadata", 10, 10)
     bar("writing", 0, 1)
-    assert stream.getvalue() == "metadata ...\nmetadata done: 10\nwriting ...\n"
+    bar("writing", 1, 1)
+    assert stream.getvalue() == "metadata ...\nmetadata done: 10\nwriting ...\nwriting done\n"
 
     class Tty(io.StringIO):
         def isatty(self):

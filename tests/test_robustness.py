@@ -128,6 +128,14 @@ def test_what_if_with_the_brightness_model(greys):
     assert R.describe_outcome(flipped.perturbed, ["dark", "bright"], "multiclass").startswith("bright (")
 
 
+def test_tied_top_names_the_classes_sharing_the_highest_probability():
+    third = np.float32(1) / np.float32(3)
+    assert R.Outcome((0,), np.array([third] * 3, np.float32), float(third)).tied_top("multiclass") == [0, 1, 2]
+    assert R.Outcome((1,), np.array([0.2, 0.4, 0.4 + 1e-9])).tied_top("multiclass") == [1, 2]
+    assert R.Outcome((1,), np.array([0.2, 0.5, 0.3])).tied_top("multiclass") == []
+    assert R.Outcome((0, 1), np.array([0.9, 0.9])).tied_top("multilabel") == []
+
+
 def test_snapshot_stores_the_perturbed_image(greys):
     store = Store(greys)
     runner = rerun.Runner.load(store, "bright", "cpu")

@@ -187,6 +187,12 @@ def _wide_probs(frame: pd.DataFrame, classes: Sequence[str], file: str) -> list[
     return [given[c] for c in classes]
 
 
+def _class_list(classes: Sequence[str], shown: int = 12) -> str:
+    """The classes in order, the first ``shown`` of them when there are more."""
+    names = ", ".join(str(c) for c in classes[:shown])
+    return names + (f", … ({len(classes)} in all)" if len(classes) > shown else "")
+
+
 def read_table_predictions(source: str | os.PathLike | pd.DataFrame, task: str, index: ImageIndex,
                            classes: Sequence[str], *, model_id: str = "model", name: str | None = None,
                            problems: Problems | None = None, image_col: str = "image",
@@ -241,8 +247,9 @@ def read_table_predictions(source: str | os.PathLike | pd.DataFrame, task: str, 
         probs, bad_probs = number_rows(lists, n_classes)
         for j in np.flatnonzero(bad_probs):
             if int(rows[j]) not in bad:
-                problems.report(IngestError(f"probs must be {n_classes} finite numbers (one per class)",
-                                            file=file, row=int(rows[j]), field="probs"))
+                problems.report(IngestError(f"probs must be {n_classes} finite numbers, one per class of the "
+                                            f"store ({_class_list(classes)})", file=file, row=int(rows[j]),
+                                            field="probs"))
                 bad.add(int(rows[j]))
         out["probs"] = list(np.nan_to_num(probs).astype(np.float32))
     if pred_col is not None and task == "multiclass":

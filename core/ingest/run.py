@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
+
 from ..errors import IngestError, VisionLensError
 from ..store import Store, StorePaths
 from . import Problems
@@ -45,12 +47,14 @@ class ProgressBar:
             if not self.tty:
                 self.stream.write(f"{stage} ...\n")
         filled = self.width if total <= 0 else int(self.width * min(done, total) / total)
+        # A one-step stage (reading a folder, writing the store) has nothing to count.
+        count = f"{done}/{total}" if total > 1 else ""
         if self.tty:
             bar = "#" * filled + "-" * (self.width - filled)
-            self.stream.write(f"\r{stage:<10} [{bar}] {done}/{total}")
+            self.stream.write(f"\r{stage:<10} [{bar}] {count}")
             self.open_line = True
         elif total > 0 and done >= total:
-            self.stream.write(f"{stage} done: {total}\n")
+            self.stream.write(f"{stage} done: {total}\n" if total > 1 else f"{stage} done\n")
         self.stream.flush()
 
     def finish(self) -> None:
@@ -214,12 +218,30 @@ def _ingest(args: argparse.Namespace, problems: Problems, bar: ProgressBar) -> l
     bar.finish()
     print(f"built {report.path}: {report.images} images, {len(dataset.classes)} classes"
           + (f", model {run.model_id!r}" if run else ""))
+    # COCO declares its categories and a folder is a class: only labels typed into a table or XML can be misspelt.
+    rare = rare_classes(dataset) if (args.table or args.voc) and not args.classes else []
+    if rare:
+        print(f"class(es) labelled only once: {', '.join(rare)}. A typo? Give --classes to list the valid "
+              "classes: a label outside them is then an error naming its row.")
     if report.upright_images:
         print(f"the boxes of {report.upright_images} EXIF-rotated image(s) were given upright (as a viewer shows "
               "them) and are stored in the images' stored frame, like their pixels (--exif-boxes to choose)")
     # An unreadable image fails both inference and metadata: list it once, with the metadata reason.
     seen = {_where(e) for e in report.skipped}
     return [e for e in problems.skipped if _where(e) not in seen] + list(report.skipped)
+
+
+def rare_classes(dataset: Dataset) -> list[str]:
+    """Classes that the ground truth names once (one image or box): read from the labels, a misspelt
+    label becomes a class of its own."""
+    if dataset.gt_boxes is not None:
+        labels = dataset.gt_boxes["class_id"].to_numpy(np.int64)
+    elif dataset.task == "multilabel":
+        labels = np.concatenate([np.asarray(v, np.int64) for v in dataset.images["true_label"]] or [np.zeros(0)])
+    else:
+        labels = dataset.images["true_label"].dropna().to_numpy(np.int64)
+    counts = np.bincount(labels[labels >= 0], minlength=len(dataset.classes))
+    return [dataset.classes[k] for k in np.flatnonzero(counts == 1)]
 
 
 def _where(error: IngestError) -> tuple:
