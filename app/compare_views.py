@@ -284,6 +284,9 @@ def show_metrics(result: ComparisonResult) -> None:
         styler = styler.apply(lambda _col, flags=flags: _delta_style(flags), subset=[column])
     st.dataframe(styler, width="stretch", height=35 * (len(table) + 2) + 3, placeholder="n/a",
                  column_config={"_index": st.column_config.TextColumn("Metric", width="medium", pinned=True)})
+    if result.task == "detection":
+        st.caption("mAP, precision, recall and F1 are means over the classes with ground truth (macro, as the "
+                   "model overview shows them by default).")
 
 
 def delta_chart(result: ComparisonResult, focus: str) -> None:

@@ -95,10 +95,12 @@ METRICS: dict[str, tuple[MetricSpec, ...]] = {
         MetricSpec("ARm", "AR medium", "AR100 over medium objects."),
         MetricSpec("ARl", "AR large", "AR100 over large objects."),
         MetricSpec("precision", "Precision@IoU", "Of the detections scoring at least the score threshold, the "
-                   "share matching an object at the IoU threshold."),
+                   "share matching an object at the IoU threshold; per class, combined by the aggregate method "
+                   "(macro: the mean over classes; micro: pooled)."),
         MetricSpec("recall", "Recall@IoU", "Of the objects, the share found by a detection scoring at least the "
-                   "score threshold at the IoU threshold."),
-        MetricSpec("f1", "F1@IoU", "Harmonic mean of precision and recall at the two thresholds."),
+                   "score threshold at the IoU threshold; per class, combined by the aggregate method."),
+        MetricSpec("f1", "F1@IoU", "Harmonic mean of precision and recall at the two thresholds, per class, "
+                   "combined by the aggregate method."),
     ),
 }
 

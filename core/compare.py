@@ -62,8 +62,9 @@ log = logging.getLogger(__name__)
 MAX_INLINE_IDS = 200  # longer image lists are saved as a cohort instead of spelled out in the URL
 ALL_IMAGES = "All images"
 
-# Headline metrics per task, in display order. Detection: the 12 COCO stats,
-# AP at the chosen IoU and micro precision / recall / F1 at IoU and score threshold.
+# Headline metrics per task, in display order. Detection: AP at the chosen IoU, the 12 COCO stats and
+# precision / recall / F1 at IoU and score threshold, each a mean over the classes with ground truth (macro,
+# as COCO averages AP and as the model overview shows by default).
 HEADLINE_METRICS = {
     "multiclass": ("accuracy", "precision_macro", "recall_macro", "f1_macro", "precision_micro",
                    "recall_micro", "f1_micro", "precision_weighted", "recall_weighted", "f1_weighted"),
@@ -111,7 +112,7 @@ def model_metrics(store: Store, task: str, model_id: str, selection: tuple[str, 
 
         raw = detection_metrics(store, model_id, selection, iou=iou, score_threshold=score_threshold,
                                  evaluation=evaluate(model_id, selection) if evaluate else None)
-        raw = {**raw, **{k: raw["aggregates"]["micro"][k] for k in ("precision", "recall", "f1")}}
+        raw = {**raw, **{k: raw["aggregates"]["macro"][k] for k in ("precision", "recall", "f1")}}
     else:
         raise EvalError(f"unknown task {task!r}", field="task", choices=list(HEADLINE_METRICS))
     return {name: _finite(raw.get(name)) for name in metric_names(task)}
@@ -402,6 +403,23 @@ def parse_named(name: str, query: str, catalog: Catalog) -> ParsedQuery:
         raise CohortError(f"cohort {name!r}: {error.message}", field=error.field, choices=error.choices) from None
 
 
+def run_thresholds(catalog: Catalog, iou: float, score_threshold: float | None,
+                   label_threshold: float | None) -> dict:
+    """``iou``, ``score_threshold`` and ``label_threshold`` of a run: those given, else the store's."""
+    return {
+        "iou": float(iou),
+        "score_threshold": catalog.default_score_threshold if score_threshold is None else float(score_threshold),
+        "label_threshold": catalog.default_label_threshold if label_threshold is None else float(label_threshold),
+    }
+
+
+def cohort_thresholds(view: ViewState, thresholds: dict) -> dict:
+    """The run's thresholds, with those a cohort's own query sets (``iou``, ``conf``, ``thr``) in their place:
+    a row opens, by its link, on the figures it shows."""
+    own = {"iou": view.iou, "score_threshold": view.conf, "label_threshold": view.thr}
+    return {name: float(own[name]) if own.get(name) is not None else value for name, value in thresholds.items()}
+
+
 def _share(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
@@ -432,19 +450,21 @@ def compare_models(store: Store | str, baseline: str, candidate: str, *,
     if baseline == candidate:
         raise EvalError(f"baseline and candidate are the same model {baseline!r}; choose two",
                         field="candidate", choices=[m for m in catalog.models if m != baseline])
-    thresholds = {
-        "iou": float(iou),
-        "score_threshold": catalog.default_score_threshold if score_threshold is None else float(score_threshold),
-        "label_threshold": catalog.default_label_threshold if label_threshold is None else float(label_threshold),
-    }
-    per, n = _per_image(store, catalog, baseline, candidate, thresholds)
+    thresholds = run_thresholds(catalog, iou, score_threshold, label_threshold)
+    per_image = {}  # per-image outcomes of both models, by thresholds (a cohort's query may set its own)
+
+    def outcomes(at: dict) -> tuple[_PerImage, int]:
+        key = tuple(sorted(at.items()))
+        if key not in per_image:
+            per_image[key] = _per_image(store, catalog, baseline, candidate, at)
+        return per_image[key]
+
     names = metric_names(catalog.task)
     label = f"{candidate} vs {baseline}"
-    setting = _setting_words(catalog.task, thresholds)
 
-    def image_set(kind: str, mask: np.ndarray, scope: str) -> ImageSet:
+    def image_set(kind: str, mask: np.ndarray, scope: str, at: dict) -> ImageSet:
         ids = np.flatnonzero(mask)
-        title = f"{kind}: {label}{setting}" + ("" if scope == ALL_IMAGES else f" in {scope}")
+        title = f"{kind}: {label}{threshold_words(catalog.task, at)}" + ("" if scope == ALL_IMAGES else f" in {scope}")
         query = image_set_query(store, ids, title, state=state, max_inline=max_inline) if links else None
         return ImageSet(title, len(ids), query, ids)
 
@@ -452,35 +472,40 @@ def compare_models(store: Store | str, baseline: str, candidate: str, *,
     for name, query in [(ALL_IMAGES, "")] + list(cohorts or []):
         parsed = parse_named(name, query, catalog)
         view_model = parsed.view.model or baseline
-        selection = compile_cohort(parsed.cohort, store, model_id=view_model, state=state, catalog=catalog,
-                                   **thresholds)
+        at = cohort_thresholds(parsed.view, thresholds)
+        per, n = outcomes(at)
+        selection = compile_cohort(parsed.cohort, store, model_id=view_model, state=state, catalog=catalog, **at)
         ids = store.query(f"SELECT image_id FROM ({selection[0]}) AS s", selection[1])["image_id"]
         members = np.zeros(n, bool)
         members[ids.to_numpy(dtype=np.int64)] = True
         count = len(ids)
-        metrics = {m: model_metrics(store, catalog.task, m, selection, evaluate=evaluate, **thresholds)
+        metrics = {m: model_metrics(store, catalog.task, m, selection, evaluate=evaluate, **at)
                    for m in (baseline, candidate)}
         b_ok, c_ok = per.baseline_correct & members, per.candidate_correct & members
         evaluated = per.evaluated & members
         b_wrong, c_wrong = evaluated & ~b_ok, evaluated & ~c_ok
         results.append(CohortComparison(
-            name=name, query=to_query(parsed.cohort, ViewState(model=parsed.view.model)), count=count,
+            name=name, query=to_query(parsed.cohort, ViewState(model=parsed.view.model, iou=parsed.view.iou,
+                                                                  conf=parsed.view.conf, thr=parsed.view.thr)),
+            count=count,
             evaluated=int(evaluated.sum()), baseline=metrics[baseline], candidate=metrics[candidate],
             delta=_delta(metrics[baseline], metrics[candidate]),
             btc=_share(int((b_ok & c_ok).sum()), int(b_ok.sum())),
             bec=_share(int((c_wrong & b_wrong).sum()), int(c_wrong.sum())),
-            new_errors=image_set("New errors", b_ok & c_wrong, name),
-            fixed_errors=image_set("Fixed errors", b_wrong & c_ok, name),
-            disagreements=image_set("Disagreements", per.disagree & members, name)))
+            new_errors=image_set("New errors", b_ok & c_wrong, name, at),
+            fixed_errors=image_set("Fixed errors", b_wrong & c_ok, name, at),
+            disagreements=image_set("Disagreements", per.disagree & members, name, at)))
     objects = None
+    per, _ = outcomes(thresholds)
     if per.object_counts is not None:
         objects = ObjectComparison(**per.object_counts, newly_missed_images=image_set(
-            "Newly missed objects", per.newly_missed, ALL_IMAGES))
+            "Newly missed objects", per.newly_missed, ALL_IMAGES, thresholds))
     return ComparisonResult(store.name, catalog.task, baseline, candidate, thresholds, names, tuple(results),
                             objects)
 
 
-def _setting_words(task: str, thresholds: dict) -> str:
+def threshold_words(task: str, thresholds: dict) -> str:
+    """" (IoU 0.5, score ≥ 0.5)" for detection, " (label threshold 0.5)" for multilabel, "" for multiclass."""
     if task == "detection":
         return f" (IoU {thresholds['iou']:g}, score ≥ {thresholds['score_threshold']:g})"
     if task == "multilabel":
@@ -530,11 +555,7 @@ def compare_main(argv: list[str] | None = None) -> int:
     parser.add_argument("store", help="path to NAME.duckdb")
     parser.add_argument("--baseline", required=True, help="model id of the baseline")
     parser.add_argument("--candidate", required=True, help="model id of the candidate")
-    parser.add_argument("--cohort", action="append", default=[], metavar="QUERY",
-                        help="a cohort query string, or NAME::QUERY to name it (repeatable)")
-    parser.add_argument("--iou", type=float, default=0.5, help="IoU threshold (detection, default 0.5)")
-    parser.add_argument("--score-threshold", type=float, help="detection score threshold (default: the store's)")
-    parser.add_argument("--label-threshold", type=float, help="multilabel label threshold (default: the store's)")
+    add_cohort_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     result = compare_models(args.store, args.baseline, args.candidate, cohorts=named_cohorts(args.cohort),
@@ -545,6 +566,16 @@ def compare_main(argv: list[str] | None = None) -> int:
     else:
         sys.stdout.write("\n".join(comparison_lines(result)) + "\n")
     return 0
+
+
+def add_cohort_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--cohort`` (repeatable) and the thresholds, as ``compare`` and ``report`` take them."""
+    parser.add_argument("--cohort", action="append", default=[], metavar="QUERY",
+                        help="a cohort query string, or NAME::QUERY to name it (repeatable); iou=, conf= or thr= "
+                             "in it set that cohort's own thresholds")
+    parser.add_argument("--iou", type=float, default=0.5, help="IoU threshold (detection, default 0.5)")
+    parser.add_argument("--score-threshold", type=float, help="detection score threshold (default: the store's)")
+    parser.add_argument("--label-threshold", type=float, help="multilabel label threshold (default: the store's)")
 
 
 def named_cohorts(values: Sequence[str]) -> list[tuple[str, str]]:

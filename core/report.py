@@ -34,8 +34,8 @@ from PIL import Image
 from . import report_charts as charts
 from .cohorts import (Catalog, Cohort, Filter, catalog_of, cohort_rows, compile_cohort, parse_query,
                       quote_identifier)
-from .compare import (LOWER_IS_BETTER, ComparisonResult, check_models, compare_models, metric_names, model_metrics,
-                      parse_named)
+from .compare import (LOWER_IS_BETTER, ComparisonResult, check_models, cohort_thresholds, compare_models,
+                      metric_names, model_metrics, parse_named, run_thresholds, threshold_words)
 from .errors import EvalError
 from .exif import turn_boxes, upright, upright_size
 from .slices import MIN_LIFT, Slice, find_slices
@@ -50,10 +50,13 @@ PRIMARY_METRICS = {
     "multilabel": ("exact_match", "f1_micro", "f1_macro", "hamming_loss"),
     "detection": ("mAP", "AP", "precision", "recall"),
 }
+# Detection's precision, recall and F1 are means over the classes (``compare.model_metrics``).
 _METRIC_WORDS = {"mAP": "AP at IoU", "AP": "AP (IoU .50:.95)", "exact_match": "Exact match",
-                 "hamming_loss": "Hamming loss"}
+                 "hamming_loss": "Hamming loss", "precision": "Precision (macro)", "recall": "Recall (macro)",
+                 "f1": "F1 (macro)"}
 MAX_FEATURES = 4  # feature-group sections in the scorecard
 MAX_GROUP_VALUES = 12  # a categorical column with more values is not a readable group chart
+GROUP_BINS = 4  # equal-width bins of a numeric feature group: the model overview's default
 SAMPLE_SIDE = 320  # px, longest side of a sample image in the PDF (about 42 mm wide there)
 MAX_REVIEW_ROWS = 60  # review notes listed in the PDF (all are counted)
 
@@ -227,14 +230,19 @@ def _value_text(value: object) -> str:
 
 def _cohort_metrics(store: Store, catalog: Catalog, model_id: str, cohorts: Sequence[tuple[str, str]],
                     thresholds: dict) -> pd.DataFrame:
+    """One row per cohort (all images first), at the report's thresholds unless its query sets its own; then
+    ``setting`` words them (empty otherwise)."""
     rows = []
     for name, query in [("All images", "")] + list(cohorts):
         parsed = parse_named(name, query, catalog)
+        at = cohort_thresholds(parsed.view, thresholds)
         selection = compile_cohort(parsed.cohort, store, model_id=parsed.view.model or model_id, catalog=catalog,
-                                   **thresholds)
+                                   **at)
         count = int(store.scalar(f"SELECT count(*) FROM ({selection[0]}) AS s", selection[1]))
-        metrics = model_metrics(store, catalog.task, model_id, selection, **thresholds)
-        rows.append({"cohort": name, "query": query, "images": count, **metrics})
+        metrics = model_metrics(store, catalog.task, model_id, selection, **at)
+        words = threshold_words(catalog.task, at)
+        setting = words if words != threshold_words(catalog.task, thresholds) else ""
+        rows.append({"cohort": name, "query": query, "setting": setting, "images": count, **metrics})
     return pd.DataFrame(rows)
 
 
@@ -269,8 +277,8 @@ def _feature_groups(store: Store, catalog: Catalog, model_id: str, features: lis
 
     out = []
     for name in features:
-        result = cohort_group_metrics(store, Cohort(), model_id, name, ("accuracy", "error_rate"), bins=4,
-                                      binning="quantile", **thresholds)
+        result = cohort_group_metrics(store, Cohort(), model_id, name, ("accuracy", "error_rate"),
+                                      bins=GROUP_BINS, binning="equal", **thresholds)
         table = result.by_group.reset_index().rename(columns={name: "group", "count": "images"})
         table["group"] = table["group"].astype(str)
         out.append(FeatureGroups(name, catalog.columns[name].label,
@@ -418,11 +426,7 @@ def scorecard(store: Store | str, *, cohorts: Sequence[tuple[str, str]] | None =
     check_models(store, catalog, roles)
     cohorts = list(cohorts or [])
     goal = parse_targets(targets, catalog.task)
-    thresholds = {
-        "iou": float(iou),
-        "score_threshold": catalog.default_score_threshold if score_threshold is None else float(score_threshold),
-        "label_threshold": catalog.default_label_threshold if label_threshold is None else float(label_threshold),
-    }
+    thresholds = run_thresholds(catalog, iou, score_threshold, label_threshold)
     cohort_table = _cohort_metrics(store, catalog, model_id, cohorts, thresholds)
     headline = {m: cohort_table.iloc[0][m] for m in metric_names(catalog.task)}
     headline = {k: (None if v is None or pd.isna(v) else float(v)) for k, v in headline.items()}
@@ -664,7 +668,9 @@ def _delta_color(metric: str, delta: float | None) -> tuple:
 
 def _headline(doc: _Layout, card: Scorecard) -> None:
     targets = {t.metric: t for t in card.targets}
-    note = "All images the model predicted. Targets are the ones set for this report"
+    note = ("All images (for detection, those without a prediction count their objects as missed)."
+            if card.task == "detection" else "The images the model predicted.")
+    note += " Targets are the ones set for this report"
     note += ("; Hamming loss is met at or below its target, every other metric at or above."
              if card.task == "multilabel" else ", met at or above.")
     doc.section("Headline metrics", note)
@@ -737,7 +743,8 @@ def _cohorts_section(doc: _Layout, card: Scorecard) -> None:
     rows = []
     for row in card.cohorts.itertuples(index=False):
         values = row._asdict()
-        rows.append([values["cohort"], _fmt(int(values["images"]))] + [_fmt(values[m]) for m in primary])
+        rows.append([values["cohort"] + values["setting"], _fmt(int(values["images"]))]
+                    + [_fmt(values[m]) for m in primary])
     doc.table(["Cohort", "Images"] + [metric_label(m) for m in primary], rows, [46, 14] + [18] * len(primary))
     queries = [f"{r.cohort}: ?{r.query}" for r in card.cohorts.itertuples(index=False) if r.query]
     if queries:
@@ -758,7 +765,8 @@ def _cohorts_section(doc: _Layout, card: Scorecard) -> None:
 def _groups_section(doc: _Layout, card: Scorecard) -> None:
     if not card.groups:
         return
-    note = ("Share of correctly handled images per group. Difference = largest minus smallest group value, "
+    note = (f"Share of correctly handled images per group; a numeric feature in {GROUP_BINS} equal-width bins, "
+            "as the model overview groups it by default. Difference = largest minus smallest group value, "
             "ratio = smallest over largest (fairlearn MetricFrame, between_groups).")
     if card.task != "multiclass":
         note += " An image counts as correct when " + (
@@ -942,22 +950,21 @@ def _target(text: str) -> tuple[str, float]:
 
 def report_main(argv: list[str] | None = None) -> int:
     """``visionlens report STORE [--cohort QUERY]... [--model M] [--baseline B] [--target m=v]... -o FILE.pdf``."""
-    from .compare import named_cohorts
+    from .compare import add_cohort_arguments, named_cohorts
 
     parser = argparse.ArgumentParser(prog="visionlens report", description="PDF scorecard of a model")
     parser.add_argument("store", help="path to NAME.duckdb")
     parser.add_argument("-o", "--out", required=True, help="PDF file to write")
-    parser.add_argument("--cohort", action="append", default=[], metavar="QUERY",
-                        help="a cohort query string, or NAME::QUERY to name it (repeatable)")
+    add_cohort_arguments(parser)
     parser.add_argument("--model", help="model id (default: the store's first model id, alphabetically, that is "
                                          "not the baseline)")
     parser.add_argument("--baseline", help="model id to compare with")
     parser.add_argument("--target", action="append", default=[], metavar="METRIC=VALUE",
                         help="a target for a headline metric, e.g. accuracy=0.9 (repeatable)")
-    parser.add_argument("--iou", type=float, default=0.5, help="IoU threshold (detection)")
     args = parser.parse_args(argv)
     targets = dict(_target(t) for t in args.target)
     path = build_report(args.store, cohorts=named_cohorts(args.cohort), model_id=args.model, baseline=args.baseline,
-                        targets=targets, out_path=args.out, iou=args.iou)
+                        targets=targets, out_path=args.out, iou=args.iou, score_threshold=args.score_threshold,
+                        label_threshold=args.label_threshold)
     sys.stdout.write(f"wrote {path}\n")
     return 0

@@ -207,8 +207,13 @@ def test_detection_objects_and_images(detection):
     assert (o.ground_truths, o.baseline_tp, o.candidate_tp, o.newly_missed, o.newly_found) == (4, 3, 4, 0, 1)
     assert (o.baseline_fp, o.candidate_fp) == (0, 2)
     assert result.overall.candidate["recall"] == 1.0 and result.overall.baseline["recall"] == 0.75
-    assert result.overall.candidate["precision"] == pytest.approx(4 / 6)
+    # Averaged over the classes, as the model overview does: cars 2 of 4, persons 2 of 2 (pooled: 4 of 6).
+    assert result.overall.candidate["precision"] == pytest.approx((2 / 4 + 2 / 2) / 2)
     # Above the 0.6 detection's score, image 2 is right again for the candidate.
     stricter = compare_models(detection, "base", "cand", score_threshold=0.65)
     assert stricter.new_errors.image_ids.tolist() == [0]
     assert stricter.objects.candidate_fp == 1
+    # A cohort whose query sets its own score threshold is compared at it, and its link keeps it.
+    own = compare_models(detection, "base", "cand", score_threshold=0.5, cohorts=[("strict", "conf=0.65")]).cohorts[1]
+    assert own.query == "conf=0.65" and own.new_errors.image_ids.tolist() == [0]
+    assert own.candidate == stricter.overall.candidate and own.candidate != result.overall.candidate

@@ -147,6 +147,30 @@ def test_detection_scorecard_draws_boxes(tmp_path, write_images):
     assert "AP at IoU" in text and "No slice has an error rate clearly above" in text
 
 
+def test_cohort_rows_keep_their_own_thresholds_and_no_objects_is_undefined(tmp_path, write_images):
+    images = pd.DataFrame({"image_id": np.arange(4), "uri": write_images(tmp_path / "img", 4, (40, 40)),
+                           "true_label": [[]] * 4})
+    gt = pd.DataFrame({"image_id": [0, 1, 2], "gt_id": [0, 1, 2], "class_id": [0, 1, 0], "xmin": [2, 5, 10],
+                       "ymin": [2, 5, 10], "xmax": [20, 30, 30], "ymax": [20, 30, 30]})
+    # A car found in image 0; a car scored 0.4 on the person of image 1; a car in image 3, which holds nothing.
+    dets = pd.DataFrame({"image_id": [0, 1, 3], "class_id": [0, 0, 0], "score": [0.9, 0.4, 0.9],
+                         "xmin": [2, 5, 2], "ymin": [2, 5, 2], "xmax": [20, 30, 20], "ymax": [20, 30, 20]})
+    path = build_store(tmp_path / "det.duckdb", Dataset("det", "detection", ["car", "person"], images, gt),
+                       [ModelRun("m", "Detector", {}, det_boxes=dets)]).path
+    card = scorecard(path, score_threshold=0.5, cohorts=[("empty", "true_label__isnull=true"), ("low", "conf=0.3")])
+    rows = card.cohorts.set_index("cohort")
+    # Precision averaged over the classes: cars 1 of 2 at score >= 0.5, 1 of 3 at >= 0.3; persons none found.
+    assert rows.loc["All images", "precision"] == pytest.approx((1 / 2 + 0) / 2)
+    assert rows.loc["low", "precision"] == pytest.approx((1 / 3 + 0) / 2)
+    assert rows.loc["low", "setting"] == " (IoU 0.5, score ≥ 0.3)" and rows.loc["All images", "setting"] == ""
+    # No object in the cohort: recall (and every other figure) is undefined, not 0.
+    assert rows.loc["empty", "images"] == 1
+    assert rows.loc["empty", ["precision", "recall", "f1", "mAP"]].isna().all()
+    out = tmp_path / "det.pdf"
+    assert report_main([str(path), "--score-threshold", "0.3", "-o", str(out)]) == 0
+    assert "score threshold 0.3" in pdf_text(out)
+
+
 def test_detection_samples_are_upright_with_their_boxes(tmp_path, write_images, monkeypatch):
     """A photo stored 40 x 20 with EXIF orientation 6 is shown 20 x 40, its boxes turned with it; once its
     file is gone, its (upright) thumbnail takes its place, the boxes scaled to it."""

@@ -691,6 +691,8 @@ def _per_class(acc, n_tp, n_fp, n_gt, t) -> dict[str, np.ndarray]:
 def _micro(acc, n_tp, n_fp, n_gt, t) -> dict:
     """All classes' detections in one ranking against all GTs (area all)."""
     tp, fp, total = int(n_tp.sum()), int(n_fp.sum()), int(n_gt[:, 0].sum())
+    if total == 0:  # no object: recall is 0/0, and every figure undefined, as the macro average has it
+        return {k: -1.0 for k in _AGGREGATED}
     p, r = float(_ratio(tp, tp + fp)), float(_ratio(tp, total))
     return {"AP": _mean_valid(acc.precision[:, :, 0, 0]),
             "AP_iou": _mean_valid(acc.precision[t, :, 0, 0]),
