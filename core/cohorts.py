@@ -1703,8 +1703,8 @@ def cohort_main(argv: list[str] | None = None) -> int:
                                      description="count and metrics of a cohort query string")
     parser.add_argument("store", help="path to NAME.duckdb")
     parser.add_argument("query", help='cohort query string, e.g. "brightness__lt=0.3&true_label__in=cat,dog"')
-    parser.add_argument("--model", help="model id (default: the query's model, else the store's first model id, "
-                                         "alphabetically)")
+    parser.add_argument("--model", help="model id (default: the query's model, else the model added to the "
+                                         "store first)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:

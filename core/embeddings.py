@@ -199,7 +199,7 @@ def embeddings_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visionlens embeddings",
                                      description="2-D embedding map and near-duplicate pairs from a model")
     parser.add_argument("store", help="path to NAME.duckdb")
-    parser.add_argument("--model", help="model id (default: the store's first model id, alphabetically)")
+    parser.add_argument("--model", help="model id (default: the model added to the store first)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--similarity", type=float, default=DUPLICATE_SIMILARITY,

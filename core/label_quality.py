@@ -358,7 +358,7 @@ def label_quality_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="visionlens label-quality",
                                      description="flag likely label errors from a model's predictions")
     parser.add_argument("store", help="path to NAME.duckdb")
-    parser.add_argument("--model", help="model id (default: the store's first model id, alphabetically)")
+    parser.add_argument("--model", help="model id (default: the model added to the store first)")
     parser.add_argument("--method", choices=SCORE_METHODS, default="normalized_margin",
                         help="classification score: normalised margin (default) or self-confidence")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")

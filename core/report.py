@@ -956,7 +956,7 @@ def report_main(argv: list[str] | None = None) -> int:
     parser.add_argument("store", help="path to NAME.duckdb")
     parser.add_argument("-o", "--out", required=True, help="PDF file to write")
     add_cohort_arguments(parser)
-    parser.add_argument("--model", help="model id (default: the store's first model id, alphabetically, that is "
+    parser.add_argument("--model", help="model id (default: the model added to the store first that is "
                                          "not the baseline)")
     parser.add_argument("--baseline", help="model id to compare with")
     parser.add_argument("--target", action="append", default=[], metavar="METRIC=VALUE",

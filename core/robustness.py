@@ -367,7 +367,7 @@ def robustness_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", help="strengths, comma-separated (default: the kind's six levels)")
     parser.add_argument("--cohort", action="append", default=[],
                         help="cohort query string; repeat for several (default: every image)")
-    parser.add_argument("--model", help="model id (default: the store's first model id, alphabetically)")
+    parser.add_argument("--model", help="model id (default: the model added to the store first)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--counterfactual", action="store_true",

@@ -516,7 +516,7 @@ def slices_main(argv: list[str] | None = None) -> int:
     """``visionlens slices STORE [--model M] [--json]``."""
     parser = argparse.ArgumentParser(prog="visionlens slices", description="ranked error slices (SliceLine)")
     parser.add_argument("store", help="path to NAME.duckdb")
-    parser.add_argument("--model", help="model id (default: the store's first model id, alphabetically)")
+    parser.add_argument("--model", help="model id (default: the model added to the store first)")
     parser.add_argument("--iou", type=float, default=0.5, help="IoU threshold (detection)")
     parser.add_argument("--top", type=int, default=10, help="number of slices (default 10)")
     parser.add_argument("--max-order", type=int, default=3, help="most predicates per slice (default 3)")

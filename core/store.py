@@ -554,7 +554,10 @@ class Store:
         return self.query('SELECT model_id, name, task, params FROM "models" ORDER BY model_id')
 
     def model_ids(self) -> list[str]:
-        return [r[0] for r in self.rows('SELECT model_id FROM "models" ORDER BY model_id')]
+        """Model ids in the order they were added, the first being every page's default: adding a model keeps
+        what links without ``model=`` show. The view reads the base (rows in build order), then the parts
+        (files named by time); DuckDB keeps that order (``preserve_insertion_order``, its default)."""
+        return [r[0] for r in self.rows('SELECT model_id FROM "models"')]
 
     def image_count(self) -> int:
         return int(self.scalar('SELECT count(*) FROM "images"'))

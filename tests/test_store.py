@@ -94,6 +94,22 @@ def test_compact_folds_parts(base):
     assert fresh.image_count() == 6
 
 
+def test_models_keep_the_order_they_were_added_in(tmp_path):
+    def models(*ids):
+        return pd.DataFrame({"model_id": list(ids), "name": list(ids), "task": "multiclass", "params": "{}"})
+
+    path = tmp_path / "m.duckdb"
+    build_base(path, {"images": images_frame([0]), "models": models("zeta", "beta")},
+               {"task": "multiclass", "classes": ["a"]})
+    for model_id in ("omega", "alpha", "mu"):  # one part each, as ingest adds them
+        write_part(path, "models", models(model_id))
+    order = ["zeta", "beta", "omega", "alpha", "mu"]
+    assert Store(path).model_ids() == order
+    compact(path)
+    write_part(path, "models", models("aaa"))
+    assert Store(path).model_ids() == [*order, "aaa"]
+
+
 def test_schema_version_mismatch(base, monkeypatch):
     monkeypatch.setattr(store_mod, "SCHEMA_VERSION", store_mod.SCHEMA_VERSION + 1)
     with pytest.raises(StoreError, match="schema version"):
