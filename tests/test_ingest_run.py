@@ -178,6 +178,7 @@ def test_progress_bar_and_model_ids():
     bar = ProgressBar(stream)
     bar("metadata", 0, 10)
     bar("metadata", 10, 10)
+    bar("metadata", 10, 10)
     bar("writing", 0, 1)
     bar("writing", 1, 1)
     assert stream.getvalue() == "metadata ...\nmetadata done: 10\nwriting ...\nwriting done\n"

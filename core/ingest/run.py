@@ -39,11 +39,13 @@ class ProgressBar:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.stage: str | None = None
         self.open_line = False
+        self.told_done = False
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if stage != self.stage:
             self.finish()
             self.stage = stage
+            self.told_done = False
             if not self.tty:
                 self.stream.write(f"{stage} ...\n")
         filled = self.width if total <= 0 else int(self.width * min(done, total) / total)
@@ -53,8 +55,9 @@ class ProgressBar:
             bar = "#" * filled + "-" * (self.width - filled)
             self.stream.write(f"\r{stage:<10} [{bar}] {count}")
             self.open_line = True
-        elif total > 0 and done >= total:
+        elif total > 0 and done >= total and not self.told_done:  # a stage may report its end twice
             self.stream.write(f"{stage} done: {total}\n" if total > 1 else f"{stage} done\n")
+            self.told_done = True
         self.stream.flush()
 
     def finish(self) -> None:
