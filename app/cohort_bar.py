@@ -27,7 +27,7 @@ from core.errors import CohortError
 from core.state import STATUSES, SavedCohort
 
 from . import urlsync
-from .nav import go
+from .nav import go, named
 from .state import View, claim_dialog
 
 ALL_IMAGES = 0  # the switcher's id for the global cohort
@@ -444,13 +444,13 @@ def _builder(view: View, title: str) -> None:
                           help="Show this filter now; save it later"):
             go(view, cohort, page=None, image=None)
             st.rerun()
-        if cols[1].button("Save as new cohort", key="vl_draft_create", disabled=not ready or not name.strip(),
-                          width="stretch"):
+        if cols[1].button("Save as new cohort", key="vl_draft_create", disabled=not ready, width="stretch") \
+                and named(name):
             saved = view.state.create_cohort(name, cohort)
             go(view, Cohort(parent_id=saved.id), page=None, image=None)
             st.rerun()
-    elif cols[0].button("Save changes", type="primary", key="vl_draft_update", disabled=not ready or not name.strip(),
-                        width="stretch"):
+    elif cols[0].button("Save changes", type="primary", key="vl_draft_update", disabled=not ready,
+                        width="stretch") and named(name):
         view.state.update_cohort(draft["target"], name=name, cohort=Cohort(cohort.filters, cohort.groups))
         go(view, Cohort(parent_id=draft["target"]), page=None, image=None)
         st.rerun()

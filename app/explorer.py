@@ -136,7 +136,7 @@ def table_view(view: View) -> None:
     rows = (sorted(view.link_params().items()), order, per_page, page)
     rows_key = hashlib.md5(repr(rows).encode()).hexdigest()
     event = st.dataframe(shown, key=f"vl_table_{rows_key}", hide_index=True, on_select="rerun", selection_mode="multi-row",
-                         column_config=config, row_height=48, height=min(640, 39 + 48 * len(shown)))
+                         column_config=config, row_height=48, height=min(640, 39 + 48 * len(shown)), placeholder="—")
     picked = [int(frame["image_id"].iloc[i]) for i in event.selection.rows]
     if picked:
         _selection_actions(view, picked)
@@ -149,8 +149,7 @@ def _selection_actions(view: View, picked: list[int]) -> None:
             open_image(picked[0])
             flyout.open_flyout(view, picked[0])
         name = st.text_input("Cohort name", key="vl_table_name", placeholder="Name for these images")
-        if st.button("Save as cohort", icon=":material/save:", key="vl_table_save", type="primary",
-                     disabled=not name.strip()):
+        if st.button("Save as cohort", icon=":material/save:", key="vl_table_save", type="primary") and nav.named(name):
             saved = view.state.create_cohort(name, selection_cohort(picked))
             nav.go(view, Cohort(parent_id=saved.id), page=None, image=None, view="table")
             st.rerun()

@@ -206,7 +206,7 @@ def _detections(view: View, image_id: int) -> pd.DataFrame:
         "Score": objects["score"],
         "IoU": objects["iou"],
     })
-    st.dataframe(table, hide_index=True, width="stretch", height=min(400, 38 + 35 * len(table)),
+    st.dataframe(table, hide_index=True, width="stretch", height=min(400, 38 + 35 * len(table)), placeholder="—",
                  column_config={"Score": st.column_config.NumberColumn(format="%.3f"),
                                 "IoU": st.column_config.NumberColumn(format="%.3f")})
     return objects

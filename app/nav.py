@@ -246,12 +246,24 @@ def _thresholds(view: View, bar) -> None:
                                                      reset=("page",)))
 
 
+def named(name: str) -> bool:
+    """Whether a save whose button was clicked can go ahead: a name is given (else it says so). Save buttons stay
+    enabled: a name typed but not committed yet (its field still focused) arrives with the click."""
+    if name.strip():
+        return True
+    st.warning("Type a name to save it under first.", icon=":material/edit:")
+    return False
+
+
 def show_problems(loaded: Loaded) -> None:
     """What the URL got wrong, in words, and what is shown instead."""
     for problem in loaded.problems:
         st.error(f"Cannot use this part of the URL: {problem}", icon=":material/link_off:")
-    if loaded.cohort_dropped:
-        st.info("Showing all images (the global cohort) instead.", icon=":material/info:")
+    if loaded.left_out:
+        kept = loaded.view is not None and loaded.view.cohort != Cohort()
+        st.info("Left out of the cohort: " + ", ".join(f"`{p}`" for p in loaded.left_out) + ". "
+                + ("The cohort keeps the URL's other conditions." if kept else "Showing all images."),
+                icon=":material/info:")
 
 
 # --------------------------------------------------------------------------- view controls

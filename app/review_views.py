@@ -233,7 +233,7 @@ def save_selection(view: View, picked: list[int]) -> None:
         st.markdown(f"**{len(picked):,}** images selected")
         name = st.text_input("Cohort name", key="vl_review_cohort_name", placeholder="Name for these images")
         if st.button("Save as cohort and open", icon=":material/save:", type="primary", key="vl_review_save",
-                     disabled=not (picked and name.strip())):
+                     disabled=not picked) and nav.named(name):
             saved = view.state.create_cohort(name, image_ids=picked, parent_id=view.cohort.parent_id,
                                              description="selected on the embedding map")
             st.switch_page("pages/explorer.py", query_params=view.link_params(Cohort(parent_id=saved.id)))

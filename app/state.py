@@ -26,9 +26,9 @@ import pandas as pd
 import streamlit as st
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from core.cohorts import (Catalog, Cohort, ParsedQuery, ViewState, catalog_of, cohort_count, cohort_outcome_counts,
-                          cohort_rows, compile_cohort, describe, expand, parse_query_lenient, read_store_param,
-                          to_query)
+from core.cohorts import (VIEW_KEYS, Catalog, Cohort, ParsedQuery, ViewState, catalog_of, cohort_count,
+                          cohort_outcome_counts, cohort_rows, compile_cohort, describe, expand, parse_query_lenient,
+                          read_store_param, to_query)
 from core.errors import CohortError, EvalError, StoreError, VisionLensError
 from core.matching import IOU_THRESHOLDS, threshold_index
 from core.state import SavedCohort, StateDB
@@ -267,7 +267,7 @@ class Loaded:
 
     view: View | None
     problems: tuple[VisionLensError, ...] = ()
-    cohort_dropped: bool = False
+    left_out: tuple[str, ...] = ()  # the URL's cohort parameters left out (``key=value``); the cohort keeps the rest
     stores: tuple[str, ...] = ()
 
 
@@ -320,14 +320,14 @@ def load_view() -> Loaded:
     state = StateDB.for_store(store.paths.base)
     parsed = parse_query_lenient(query, catalog)
     problems.extend(e for e in parsed.errors if e.field != "store")  # read_store_param told it already
-    cohort_dropped = any(e.field not in ("store", "model", "iou", "conf", "thr", "view", "page", "image")
-                         for e in parsed.errors)
+    left_out = [e.field for e in parsed.errors if e.field not in VIEW_KEYS]
     cohort = parsed.cohort
     try:
         expand(cohort, catalog, state)
-    except CohortError as error:
+    except CohortError as error:  # the saved cohort is gone or no longer fits: the URL's own filters stay
         problems.append(error)
-        cohort, cohort_dropped = Cohort(), True
+        cohort = replace(cohort, parent_id=None)
+        left_out.append("cohort")
     settings = _resolve_settings(parsed, catalog, name, problems)
     if settings.image is not None and settings.image >= store.image_count():
         problems.append(CohortError(f"no image {settings.image} in store {name!r}", field="image"))
@@ -337,7 +337,16 @@ def load_view() -> Loaded:
     if canonical != dict(pairs):
         urlsync.replace(canonical)
     st.session_state[_VIEW_KEY] = view
-    return Loaded(view, tuple(problems), cohort_dropped, names)
+    given = dict(reversed(pairs))  # each key's first value
+    return Loaded(view, tuple(problems), tuple(dict.fromkeys(_shown_param(k, given.get(k)) for k in left_out)), names)
+
+
+def _shown_param(key: str, value: str | None, limit: int = 60) -> str:
+    """``key=value`` as the URL had it, a long value cut: what the user retypes to fix it."""
+    if value is None:
+        return key
+    value = value.replace("`", "'")  # shown in a code span
+    return f"{key}={value if len(value) <= limit else value[:limit] + '…'}"
 
 
 def end_run() -> None:

@@ -762,7 +762,6 @@ def _parse_view_value(key: str, text: str, catalog: Catalog | None) -> object:
 def _parse(query: str | Mapping[str, object], catalog: Catalog, errors: list[CohortError] | None,
            max_filters: int | None = MAX_FILTERS) -> ParsedQuery:
     """Shared by the strict (errors is None: raise) and lenient parsers."""
-    filter_errors: list[CohortError] = []
     view: dict[str, object] = {}
     top: list[Filter] = []
     groups: dict[int, list[Filter]] = {}
@@ -770,12 +769,10 @@ def _parse(query: str | Mapping[str, object], catalog: Catalog, errors: list[Coh
     seen_cohort = False
     n_filters = 0
 
-    def fail(error: CohortError, *, on_cohort: bool) -> None:
+    def fail(error: CohortError) -> None:
         if errors is None:
             raise error
         errors.append(error)
-        if on_cohort:
-            filter_errors.append(error)
 
     for key, raw in _pairs(query):
         try:
@@ -794,7 +791,7 @@ def _parse(query: str | Mapping[str, object], catalog: Catalog, errors: list[Coh
                 view[key] = _parse_view_value(key, raw, catalog)
                 continue
         except CohortError as error:
-            fail(error, on_cohort=key == "cohort")
+            fail(error)
             continue
         try:
             column_part, sep, op = key.rpartition("__")
@@ -816,14 +813,12 @@ def _parse(query: str | Mapping[str, object], catalog: Catalog, errors: list[Coh
                 items = [_unescape_item(raw)]
             parsed = parse_filter(column_part, op, items, catalog, key=key)
         except CohortError as error:
-            fail(error, on_cohort=True)
+            fail(error)
             if max_filters is not None and n_filters > max_filters:
                 break
             continue
         (top if group is None else groups.setdefault(group, [])).append(parsed)
     cohort = Cohort(tuple(top), tuple(tuple(g) for g in groups.values()), parent_id)
-    if filter_errors:
-        cohort = Cohort()  # a partly applied filter would mislead: fall back to the whole dataset
     return ParsedQuery(cohort, ViewState(**view), tuple(errors or ()))
 
 
@@ -836,8 +831,8 @@ def parse_query(query: str | Mapping[str, object], catalog: Catalog, *,
 
 
 def parse_query_lenient(query: str | Mapping[str, object], catalog: Catalog) -> ParsedQuery:
-    """Never raises for bad input: ``errors`` lists every problem; if any concerns
-    the cohort, the cohort is the whole dataset. Valid view settings are kept."""
+    """Never raises for bad input: ``errors`` lists every problem, each naming its parameter. A bad
+    filter or cohort id is left out and the cohort keeps the others; valid view settings are kept."""
     return _parse(query, catalog, [])
 
 

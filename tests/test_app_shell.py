@@ -88,6 +88,17 @@ def test_bad_cohort_in_url_is_shown_and_falls_back_to_all_images(app, query, wor
     assert at.query_params == {"store": "demo-multiclass", "model": "baseline"}
 
 
+def test_a_bad_part_of_a_url_cohort_is_left_out_and_the_rest_kept(app, stores):
+    at = app("store=demo-multiclass&bogus__eq=1&true_label__eq=cat&brightness__lt=x`y")
+    assert any("unknown column 'bogus'" in e for e in errors(at))
+    left_out = [i.value for i in at.info if "Left out of the cohort" in i.value]
+    assert left_out == ["Left out of the cohort: `bogus__eq=1`, `brightness__lt=x'y`. "
+                        "The cohort keeps the URL's other conditions."]
+    wanted = expected_count(stores, "demo-multiclass", "true_label__eq=cat")
+    assert 0 < wanted < 40 and bar_count(at).startswith(f"**{wanted}** of 40 images")
+    assert at.query_params["true_label__eq"] == "cat" and "bogus__eq" not in at.query_params
+
+
 def test_unknown_store_falls_back_to_a_demo_store(app):
     at = app("store=nope&site__eq=north")
     assert any("no store 'nope'" in e for e in errors(at))

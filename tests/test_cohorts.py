@@ -291,9 +291,9 @@ def test_bad_queries_are_clear_errors(catalog, query, field, message, choice):
     assert [e.field for e in lenient.errors] == [field]
 
 
-def test_lenient_parse_falls_back_to_everything_and_keeps_good_view(catalog):
+def test_lenient_parse_leaves_out_the_bad_parts_and_keeps_the_rest(catalog):
     parsed = C.parse_query_lenient("brightness__lt=abc&width__gt=5&model=m2&iou=7&true_label__eq=zz", catalog)
-    assert parsed.cohort == Cohort()
+    assert parsed.cohort == Cohort((Filter("width", "gt", 5),))
     assert parsed.view == ViewState(model="m2")
     assert [e.field for e in parsed.errors] == ["brightness__lt", "iou", "true_label__eq"]
     view_only = C.parse_query_lenient("width__gt=5&page=x", catalog)

@@ -226,7 +226,9 @@ def test_map_selection_becomes_a_saved_cohort_opened_in_the_explorer(store_path,
         at.session_state["vl_review_map"] = {"selection": {"brush": {"x": [x1, x0], "y": [y0, y1]}}}
         at.run()
         assert f"**{len(expected)}** images selected" in [m.value for m in at.markdown]
-        assert at.button(key="vl_review_save").disabled  # a cohort needs a name
+        at.button(key="vl_review_save").click().run()  # a cohort needs a name: the click says so, saves nothing
+        assert [w.value for w in at.warning] == ["Type a name to save it under first."]
+        assert StateDB.for_store(store_path).list_cohorts() == []
         at.text_input(key="vl_review_cohort_name").set_value("lower left").run()
         at.button(key="vl_review_save").click().run()
         assert not at.exception, [e.message for e in at.exception]
