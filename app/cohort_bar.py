@@ -103,6 +103,9 @@ def _actions(view: View, saved: dict[int, SavedCohort]) -> None:
         elif current is not None:
             if st.button("Edit", icon=":material/edit:", key="vl_bar_edit", help=f"Edit '{current.name}'"):
                 open_builder(view, current.cohort(view.catalog), title=f"Edit '{current.name}'", target=current)
+            if st.button("Refine", icon=":material/filter_alt:", key="vl_bar_refine",
+                         help=f"Add conditions within '{current.name}': a cohort of this cohort"):
+                open_builder(view, Cohort(parent_id=current.id), title=f"Within '{current.name}'")
             if st.button("Duplicate", icon=":material/content_copy:", key="vl_bar_dup"):
                 copy = view.state.duplicate_cohort(current.id)
                 go(view, Cohort(parent_id=copy.id), page=None, image=None)
@@ -435,6 +438,9 @@ def _builder(view: View, title: str) -> None:
     if size is not None:
         sentences = "; ".join(view.describe(Cohort(cohort.filters, cohort.groups)))
         extra = f" (and {len(ids):,} hand-picked images)" if ids else ""
+        if draft["parent"] is not None:
+            parent = view.state.get_cohort(draft["parent"])
+            extra += f", within saved cohort '{_escape(parent.name)}'"
         st.markdown(f"**{size:,}** images match: {_escape(sentences)}{extra}")
     name = st.text_input("Name", key="vl_draft_name", placeholder="Name to save the cohort under")
     ready = not problems and not unfinished and size is not None

@@ -119,6 +119,16 @@ class CohortChoice:
     name: str
     query: str
     selection: tuple
+    reads_model: bool = False  # filters on model outputs: its images are those the sidebar's model puts there
+
+
+def model_defined(cohorts: Sequence[CohortChoice], model_id: str) -> None:
+    """Says which chosen cohorts hold images by a model's outputs, and whose: the same name on the model
+    overview of another model holds other images."""
+    names = [c.name for c in cohorts if c.reads_model]
+    if names:
+        st.caption(f"{', '.join(names)} filter on model outputs (outcome, errors, predictions): both models are "
+                   f"compared on the images that **{model_id}**'s outputs put there.")
 
 
 def cohort_choices(view: View, entries: Sequence[NamedCohort]) -> tuple[list[CohortChoice], list[str]]:
@@ -134,7 +144,8 @@ def cohort_choices(view: View, entries: Sequence[NamedCohort]) -> tuple[list[Coh
             problems.append(f"{entry.name}: {error}")
             continue
         query = to_query(entry.cohort, ViewState(model=view.model_id))
-        usable.append(CohortChoice(entry.name, query, (selection[0], tuple(selection[1]))))
+        usable.append(CohortChoice(entry.name, query, (selection[0], tuple(selection[1])),
+                                   selection.reads_model(view.catalog)))
     return usable, problems
 
 

@@ -1388,10 +1388,14 @@ class Selection(tuple):
             return f"{sql} WHERE {self.where}", params + self.where_params
         return sql, params
 
+    def reads_model(self, catalog: Catalog) -> bool:
+        """Whether the filter (saved parents included) reads a model's columns (outcome, error, predictions):
+        then which images it holds depends on ``model_id`` and the thresholds."""
+        return any(catalog.columns[c].needs_model for c in self.filter_columns if c in catalog.columns)
+
     def _reads_another_model(self, catalog: Catalog, model_id: str | None) -> bool:
         """Whether the filter reads the columns of a model other than ``model_id``."""
-        reads_model = any(catalog.columns[c].needs_model for c in self.filter_columns if c in catalog.columns)
-        return reads_model and model_id != self.model_id
+        return self.reads_model(catalog) and model_id != self.model_id
 
 
 def shared_frame(store: Store, model_id: str | None, selections: Sequence[Selection | None],

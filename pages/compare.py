@@ -25,6 +25,7 @@ with right:
     focus = compare_views.focus_cohort(view, result)
 st.caption(f"Candidate **{candidate}** against baseline **{baseline}** at {compare_views.thresholds_text(view)}; "
            "green changes favour the candidate.")
+compare_views.model_defined(cohorts, baseline)
 compare_views.summary(result, focus)
 compare_views.changed_images(view, result, focus)
 # Only the open tab runs: the page opens on the metrics, the rest is drawn when asked for.

@@ -143,6 +143,19 @@ def test_editing_filters_keeps_every_condition_and_group(folder):
 
 
 
+def test_refine_builds_a_cohort_within_the_saved_one(folder):
+    saved = state(folder).create_cohort("north", parse_query("site__eq=north", catalog(folder)).cohort)
+    at = open_app(f"cohort={saved.id}")
+    at.button(key="vl_bar_refine").click().run()
+    preview = [m.value for m in at.markdown if "images match" in m.value]
+    north = cohort_count(Store(folder / "demo-multiclass"), parse_query("site__eq=north", catalog(folder)).cohort,
+                         "baseline")
+    assert preview and preview[0].startswith(f"**{north}** images match")
+    assert "within saved cohort 'north'" in preview[0]
+    assert at.session_state["_vl_draft"]["parent"] == saved.id  # what it applies or saves lies inside 'north'
+    assert not at.exception
+
+
 def test_a_new_numeric_condition_starts_at_round_numbers_holding_every_image():
     from app.cohort_bar import readable_range
 

@@ -162,6 +162,16 @@ def test_every_metric_and_compatibility_equal_the_engine(app, stores, task):
             cohort.count, cohort.new_errors.count, cohort.fixed_errors.count, cohort.disagreements.count)
 
 
+def test_a_cohort_defined_by_model_outputs_says_whose(app):
+    def said(at):
+        return [c.value for c in at.caption if "filter on model outputs" in c.value]
+
+    assert said(app("store=demo-multiclass&site__eq=south", COMPARE)) == []
+    assert said(app("store=demo-multiclass&outcome__eq=incorrect", COMPARE)) == [
+        "Current cohort filter on model outputs (outcome, errors, predictions): both models are compared on the "
+        "images that **baseline**'s outputs put there."]
+
+
 def test_changed_images_open_the_explorer_on_exactly_those_images(app, stores):
     expected = engine_comparison(stores, "multilabel", [], label_threshold=0.3)
     for button, image_set, model in (("vl_cmp_open_new_errors", expected.new_errors, "candidate"),
