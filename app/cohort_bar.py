@@ -317,6 +317,13 @@ def readable_range(lo: float, hi: float) -> tuple[float, float]:
             round(math.ceil(hi / step) * step, max(decimals, 0)))
 
 
+def number_format(*values: float, most: int = 6) -> str:
+    """A number box's format with the decimals its values need (at least two, at most ``most``): the box
+    shows the value the filter uses (0.115, not 0.12)."""
+    needed = [next((d for d in range(most) if round(float(v), d) == float(v)), most) for v in values]
+    return f"%.{max(2, *needed)}f"
+
+
 def _numeric_default(view: View, info: ColumnInfo) -> tuple[float, float]:
     if info.needs_model:
         return (0.0, 1.0)
@@ -331,12 +338,13 @@ def _value_widgets(view: View, uid: int, info: ColumnInfo, op: str, container) -
         return ["true"]
     if info.values == "number" and arity in ("one", "two"):
         lo, hi = _numeric_default(view, info)
+        shown = number_format(*(st.session_state.get(k, v) for k, v in ((key, lo), (key + "lo", lo), (key + "hi", hi))))
         if arity == "one":
-            value = container.number_input("Value", value=lo, key=key, label_visibility="collapsed")
+            value = container.number_input("Value", value=lo, key=key, label_visibility="collapsed", format=shown)
             return [_text(value)]
         left, right = container.columns(2)
-        low = left.number_input("From", value=lo, key=key + "lo", label_visibility="collapsed")
-        high = right.number_input("To", value=hi, key=key + "hi", label_visibility="collapsed")
+        low = left.number_input("From", value=lo, key=key + "lo", label_visibility="collapsed", format=shown)
+        high = right.number_input("To", value=hi, key=key + "hi", label_visibility="collapsed", format=shown)
         return [_text(low), _text(high)]
     if _picks(info):
         options = _choices(view, info)

@@ -272,7 +272,12 @@ def show_problems(loaded: Loaded) -> None:
 def view_switch(view: View, choices: dict[str, str], *, key: str = "vl_view") -> str:
     """A segmented control for the URL's ``view`` (the first choice is the default)."""
     default = next(iter(choices))
-    current = view.settings.view if view.settings.view in choices else default
+    asked = view.settings.view
+    current = asked if asked in choices else default
+    if asked is not None and asked not in choices:
+        st.error(f"Cannot use this part of the URL: view {asked!r} is not one of this page's views "
+                 f"({', '.join(choices)}); showing {choices[default].lower()}.", icon=":material/link_off:")
+        urlsync.update({"view": None})
     urlsync.bind(key, current)
     st.segmented_control("View", list(choices), key=key, format_func=choices.get, required=True,
                          label_visibility="collapsed",

@@ -157,7 +157,11 @@ def test_refine_builds_a_cohort_within_the_saved_one(folder):
 
 
 def test_a_new_numeric_condition_starts_at_round_numbers_holding_every_image():
-    from app.cohort_bar import readable_range
+    from app.cohort_bar import number_format, readable_range
+
+    # The number boxes show the value the filter uses: 0.115 as 0.115, not 0.12.
+    assert number_format(0.115, 0.9) == "%.3f" and number_format(10.0, 4100.0) == "%.2f"
+    assert number_format(1 / 3) == "%.6f"
 
     assert readable_range(0.16699938398692812, 0.9012) == (0.166, 0.902)
     assert readable_range(12.3, 4098.7) == (10.0, 4100.0)

@@ -88,6 +88,12 @@ def test_bad_cohort_in_url_is_shown_and_falls_back_to_all_images(app, query, wor
     assert at.query_params == {"store": "demo-multiclass", "model": "baseline"}
 
 
+def test_an_unknown_view_is_told_and_dropped(app):
+    at = app("store=demo-multiclass&view=evil", "pages/explorer.py")
+    assert ["view 'evil' is not one of this page's views" in e for e in errors(at)] == [True]
+    assert "view" not in at.query_params
+
+
 def test_a_bad_part_of_a_url_cohort_is_left_out_and_the_rest_kept(app, stores):
     at = app("store=demo-multiclass&bogus__eq=1&true_label__eq=cat&brightness__lt=x`y")
     assert any("unknown column 'bogus'" in e for e in errors(at))
