@@ -256,8 +256,8 @@ def compute_metadata(uris: Sequence[str], *, skip_bad: bool = False,
 
     The frame's index holds each row's position in ``uris`` and its ``uri``
     column the path, so rows stay joinable when bad images are dropped
-    (``skip_bad``). Without ``skip_bad`` the first bad image raises
-    ``IngestError`` naming its file.
+    (``skip_bad``). Without ``skip_bad`` every image is still read, then one
+    ``IngestError`` names the first bad file and lists the others: one run finds them all.
     """
     uris = [str(u) for u in uris]
     positions: list[int] = []
@@ -279,10 +279,6 @@ def compute_metadata(uris: Sequence[str], *, skip_bad: bool = False,
             for offset, future in enumerate(current):
                 result = future.result()
                 if isinstance(result, IngestError):
-                    if not skip_bad:
-                        for later in current[offset:] + pending:
-                            later.cancel()
-                        raise result
                     errors.append(result)
                     continue
                 good.append(result)
@@ -311,9 +307,22 @@ def compute_metadata(uris: Sequence[str], *, skip_bad: bool = False,
         if any(v is not None for v in values):
             frame[name] = _exif_series(name, values, index)
     frame["thumbnail"] = pd.Series(thumbnails, index=index, dtype=object)
+    if errors and not skip_bad:
+        raise _all_unreadable(errors)
     if errors:
         log.warning("skipped %d unreadable image(s)", len(errors))
     return frame, errors
+
+
+def _all_unreadable(errors: list[IngestError], shown: int = 10) -> IngestError:
+    """The first bad image's error, naming the others too."""
+    first = errors[0]
+    if len(errors) == 1:
+        return first
+    others = [str(e.file) for e in errors[1:shown + 1]]
+    more = f" and {len(errors) - 1 - len(others)} more" if len(errors) - 1 > len(others) else ""
+    return IngestError(f"{first.message}; {len(errors) - 1} more unreadable image(s): {', '.join(others)}{more} "
+                       "(--skip-bad leaves them out)", file=first.file, row=first.row, field=first.field)
 
 
 def _exif_series(name: str, values: list, index: pd.Index) -> pd.Series:

@@ -216,6 +216,8 @@ def test_ingest_table_detection_end_to_end(tmp_path, imgs, capsys):
     assert code == 0, printed.err
     # One box of milk: a label seen once is pointed out (it might be a misspelt class).
     assert "class(es) labelled only once: milk. A typo?" in printed.out
+    assert "1 of 3 images hold no annotated object; 1 crowd region(s) are ignored in matching" in printed.out
+    assert "1 of 3 images have no detection: all their objects count as missed (model 'preds')" in printed.out
     store = Store(out)
     assert store.classes == ["can", "milk"] and store.meta()["score_threshold"] == "0.4"
     assert store.image_count() == 3

@@ -252,6 +252,14 @@ def test_bad_images_raise_naming_the_file(bad_files):
         assert uri in str(info.value)
 
 
+def test_every_bad_image_is_named_in_one_error(bad_files):
+    good, truncated, junk, empty, missing = bad_files
+    with pytest.raises(IngestError) as info:
+        compute_metadata([good, truncated, good, junk, empty, missing])
+    assert info.value.file == truncated and "truncated" in info.value.message
+    assert f"3 more unreadable image(s): {junk}, {empty}, {missing} (--skip-bad leaves them out)" in info.value.message
+
+
 def test_skip_bad_drops_rows_and_reports_each(bad_files):
     good, truncated, junk, empty, missing = bad_files
     uris = [truncated, good, junk, empty, missing, good.replace("good", "good")]

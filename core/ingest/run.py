@@ -199,6 +199,7 @@ def _ingest(args: argparse.Namespace, problems: Problems, bar: ProgressBar) -> l
         bar("writing", 1, 1)
         bar.finish()
         print(f"added model {run.model_id!r} to {paths.base}")
+        _print_coverage(paths.base, run.model_id, ground_truth=False)
         return list(problems.skipped)
 
     if paths.base.exists() and not args.replace:
@@ -226,12 +227,38 @@ def _ingest(args: argparse.Namespace, problems: Problems, bar: ProgressBar) -> l
     if rare:
         print(f"class(es) labelled only once: {', '.join(rare)}. A typo? Give --classes to list the valid "
               "classes: a label outside them is then an error naming its row.")
+    _print_coverage(report.path, run.model_id if run else None, ground_truth=True)
     if report.upright_images:
         print(f"the boxes of {report.upright_images} EXIF-rotated image(s) were given upright (as a viewer shows "
               "them) and are stored in the images' stored frame, like their pixels (--exif-boxes to choose)")
     # An unreadable image fails both inference and metadata: list it once, with the metadata reason.
     seen = {_where(e) for e in report.skipped}
     return [e for e in problems.skipped if _where(e) not in seen] + list(report.skipped)
+
+
+def _print_coverage(path: Path, model_id: str | None, *, ground_truth: bool) -> None:
+    """What the store holds less than every image: images without objects (detection), crowd regions, and
+    images the model gave nothing for (and what that means for its metrics)."""
+    store = Store(path)
+    try:
+        n = store.image_count()
+        detection = store.task == "detection"
+        if ground_truth and detection:
+            crowd, with_objects = store.rows('SELECT count(*) FILTER (WHERE iscrowd), count(DISTINCT image_id) '
+                                             'FROM "gt_boxes"')[0]
+            if n - with_objects or crowd:
+                print(f"{n - with_objects:,} of {n:,} images hold no annotated object; {crowd:,} crowd region(s) "
+                      "are ignored in matching, as COCO does")
+        if model_id is not None:
+            table = "det_boxes" if detection else "predictions"
+            given = int(store.scalar(f'SELECT count(DISTINCT image_id) FROM "{table}" WHERE model_id = ?',
+                                     [model_id]))
+            if given < n:
+                what = ("no detection: all their objects count as missed" if detection else
+                        "no prediction: they are left out of its metrics")
+                print(f"{n - given:,} of {n:,} images have {what} (model {model_id!r})")
+    finally:
+        store.close()
 
 
 def rare_classes(dataset: Dataset) -> list[str]:
