@@ -43,7 +43,14 @@ def render() -> None:
     cols[2].metric("Models", len(view.catalog.models))
     cols[3].metric("Saved cohorts", len(view.saved_cohorts()))
     if view.catalog.models:
-        models = view.query('SELECT model_id AS "Model", name AS "Name" FROM "models" ORDER BY model_id')
+        # In the order they were added (the first is the default), with the explanation maps stored so far.
+        models = view.query('SELECT model_id AS "Model", name AS "Name" FROM "models"')
+        if view.store.has_table("explanations"):
+            maps = view.query('SELECT model_id AS "Model", count(*) AS "Explanation maps", '
+                              'count(DISTINCT image_id) AS "Images explained" FROM "explanations" GROUP BY ALL')
+            models = models.merge(maps, on="Model", how="left").fillna(0)
+            models[["Explanation maps", "Images explained"]] = models[["Explanation maps",
+                                                                        "Images explained"]].astype(int)
         st.dataframe(models, hide_index=True, width="content")
     first_run.explanation_status(view)
     st.subheader("Where to next")

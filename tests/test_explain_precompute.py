@@ -150,6 +150,7 @@ def test_precompute_writes_resumes_and_loads(classification_store):
                          progress=lambda d, t: seen.append((d, t)))
     assert written == 4 * 2 * 2  # images x top classes x methods
     assert seen[0] == (0, 16) and seen[-1] == (16, 16)
+    assert seen[1] == (2, 16)  # the first batch is one image (two targets): progress shows at once
     assert precompute(path, ["ig", "guided_backprop"], model_id="cnn", targets="pred", top_k=2,
                       params=params) == 0
     store = Store(path)
@@ -173,6 +174,24 @@ def test_precompute_writes_resumes_and_loads(classification_store):
     assert list(listed["method"]) == ["guided_backprop"] * 2 + ["ig"] * 2
     assert json.loads(listed["params"][2])["n_steps"] == 8
     assert json.loads(listed["params"][2])["input_size"] == [SIZE, SIZE]
+
+
+def test_batches_are_paced_and_slow_runs_store_maps_as_they_go(classification_store, monkeypatch):
+    from core.explain import precompute as module
+
+    pace = module._Pace(16)
+    assert pace.size == 1
+    pace.record(2, 0.001)
+    assert pace.size == 16
+    pace.record(4, 4 * module.BATCH_SECONDS / 3)  # each image takes a third of the budget
+    assert pace.size == 3
+    pace.record(1, 60.0)
+    assert pace.size == 1
+    path, _ = classification_store
+    monkeypatch.setattr(module, "FLUSH_SECONDS", 0.0)  # a slow run: every batch is written at once
+    assert precompute(path, ["guided_backprop"], model_id="cnn", targets="true", batch_size=2) == 4
+    parts = list((Store(path).paths.parts / "explanations").glob("*.parquet"))
+    assert len(parts) == 3  # batches of 1, 2 and 1 images
 
 
 def test_precompute_true_labels_explicit_classes_and_image_subset(classification_store):

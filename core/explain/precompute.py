@@ -2,8 +2,10 @@
 
 Work is (model, method, image, target); pairs already in ``explanations`` are skipped, so
 an interrupted run resumes where it stopped. Images are loaded ``batch_size`` at a time at
-the model's input size and explained together on the chosen device; rows are written
-every ``FLUSH_ROWS`` maps and when the run ends or fails.
+the model's input size and explained together on the chosen device: one image first, then as
+many as take about ``BATCH_SECONDS`` (a slow method on a slow model shows progress within
+seconds). Rows are written every ``FLUSH_ROWS`` maps or ``FLUSH_SECONDS``, and when the run
+ends or fails: the app shows maps while the run goes on.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import time
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,7 +25,7 @@ import torch
 from ..errors import ExplainError, IngestError, VisionLensError
 from ..models import device_for, image_tensor, load_model
 from ..store import Store, write_part
-from .common import CLASSIFICATION_TASKS, chunks
+from .common import CLASSIFICATION_TASKS
 from .methods import METHODS, method_for, resolve_params, run_method
 from .storage import explanation_rows, stored_keys
 
@@ -31,6 +34,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 Targets = str | Sequence[int]
 FLUSH_ROWS = 256
+FLUSH_SECONDS = 20.0
+BATCH_SECONDS = 10.0
 BOX_COLUMNS = ["xmin", "ymin", "xmax", "ymax", "class_id"]
 
 
@@ -92,9 +97,12 @@ def precompute(store_path: str | os.PathLike, methods: Sequence[str], *, model_i
                 loaded.clear()  # one model in memory at a time
                 loaded[key] = _load(key, model_params).to(dev)
             input_size = model_params.get("input_size")
-            for batch in _batches(todo.merge(images, on="image_id"), input_size, batch_size):
+            pace = _Pace(batch_size)
+            for batch in _batches(todo.merge(images, on="image_id"), input_size, pace):
+                started = time.perf_counter()
                 writer.add(_explain_batch(loaded[key], key, entry.name, task, batch, input_size,
                                           resolved[entry.name], dev))
+                pace.record(batch["image_id"].nunique(), time.perf_counter() - started)
                 done_count += len(batch)
                 if progress:
                     progress(done_count, total)
@@ -156,18 +164,33 @@ def _explain_batch(model: torch.nn.Module, model_id: str, method: str, task: str
                             np.concatenate(maps), record)
 
 
+class _Pace:
+    """Images per batch: one at first, then as many as take about ``BATCH_SECONDS`` at the pace measured so
+    far, at most ``most`` (an image's map does not depend on its batch)."""
+
+    def __init__(self, most: int):
+        self.most, self.size = most, 1
+
+    def record(self, images: int, seconds: float) -> None:
+        per_image = max(seconds / max(images, 1), 1e-6)
+        self.size = int(min(self.most, max(1, round(BATCH_SECONDS / per_image))))
+
+
 class _PartWriter:
-    """Collects rows and writes them as one part per ``FLUSH_ROWS`` maps."""
+    """Collects rows and writes them as one part per ``FLUSH_ROWS`` maps or ``FLUSH_SECONDS``."""
 
     def __init__(self, store_path: os.PathLike):
         self.store_path, self.pending, self.written = store_path, [], 0
+        self.flushed_at = time.monotonic()
 
     def add(self, table: pa.Table) -> None:
         self.pending.append(table)
-        if sum(t.num_rows for t in self.pending) >= FLUSH_ROWS:
+        if sum(t.num_rows for t in self.pending) >= FLUSH_ROWS or \
+                time.monotonic() - self.flushed_at >= FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
+        self.flushed_at = time.monotonic()
         if not self.pending:
             return
         table = pa.concat_tables(self.pending)
@@ -291,14 +314,18 @@ def _id_list(targets: Targets) -> list[int]:
     return chosen
 
 
-def _batches(todo: pd.DataFrame, input_size: Sequence[int] | None, batch_size: int):
-    """Rows of ``batch_size`` images each; without an input size, images of one size together."""
+def _batches(todo: pd.DataFrame, input_size: Sequence[int] | None, pace: _Pace):
+    """Rows of ``pace.size`` images each (read as each batch starts); without an input size, images of one
+    size together."""
     sizes = [None] if input_size else sorted(set(zip(todo["height"], todo["width"])))
     for size in sizes:
         rows = todo if size is None else todo[(todo["height"] == size[0]) & (todo["width"] == size[1])]
         image_ids = rows["image_id"].drop_duplicates().to_numpy()
-        for part in chunks(len(image_ids), batch_size):
-            yield rows[rows["image_id"].isin(image_ids[part])]
+        start = 0
+        while start < len(image_ids):
+            part = image_ids[start:start + pace.size]
+            start += len(part)
+            yield rows[rows["image_id"].isin(part)]
 
 
 # --------------------------------------------------------------------------- CLI
