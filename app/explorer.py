@@ -129,7 +129,8 @@ def table_view(view: View) -> None:
     config = {c: st.column_config.Column(labels[c]) for c in columns}
     config["thumbnail"] = st.column_config.ImageColumn("Image", width="small")
     config["image_id"] = st.column_config.NumberColumn("Image id", format="%d")
-    st.caption(f"Rows {(page - 1) * per_page + 1:,}–{min(page * per_page, total):,} of {total:,}. "
+    st.caption(f"Rows {(page - 1) * per_page + 1:,}–{min(page * per_page, total):,} of {total:,} "
+               f"(page {page:,} of {max(1, math.ceil(total / per_page)):,}). "
                "Select rows to save them as a cohort or open one.")
     # A new set of rows (cohort, model, thresholds, order, page) starts with nothing selected. Not from
     # ``view.url_params()``: in this fragment's rerun those are the last full run's.

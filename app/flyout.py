@@ -19,7 +19,7 @@ import streamlit as st
 from PIL import Image
 
 from core import heatmap
-from core.cohorts import Cohort, Filter
+from core.cohorts import Cohort, Filter, display_number
 from core.explain import available_explanations, load_explanation
 from core.exif import read_exif, turn_boxes, upright
 from core.metrics.detection import image_ground_truth, image_objects
@@ -56,7 +56,13 @@ def open_flyout(view: View, image_id: int) -> None:
     if not claim_dialog():
         return
     record = view.query('SELECT * FROM "images" WHERE image_id = ?', [image_id])
-    title = f"Image {image_id} · {Path(str(record['uri'].iloc[0])).name}" if len(record) else f"Image {image_id}"
+    title = f"Image {image_id}"
+    if len(record):
+        title += f" · {Path(str(record['uri'].iloc[0])).name}"
+        # The dataset's own id (a COCO image id), which its user knows the image by.
+        source = record["source_id"].iloc[0] if "source_id" in record.columns else None
+        if source is not None and pd.notna(source):
+            title += f" · source id {display_number(source) if isinstance(source, (int, float, np.number)) else source}"
     st.dialog(title, width="large", position="right", on_dismiss=_close)(_flyout)(view, image_id, record)
 
 

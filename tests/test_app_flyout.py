@@ -145,7 +145,8 @@ def test_a_store_without_a_model_shows_the_ground_truth_boxes(tmp_path, monkeypa
     from core import heatmap
     from core.ingest.build import Dataset, build_store
 
-    images = pd.DataFrame({"image_id": [0], "uri": write_images(tmp_path / "img", 1, (40, 30)), "true_label": [[]]})
+    images = pd.DataFrame({"image_id": [0], "uri": write_images(tmp_path / "img", 1, (40, 30)), "true_label": [[]],
+                           "source_id": [1225]})
     gt = pd.DataFrame({"image_id": [0, 0], "gt_id": [0, 1], "class_id": [0, 1], "xmin": [2, 20], "ymin": [3, 5],
                        "xmax": [12, 30], "ymax": [13, 25], "iscrowd": [False, True]})
     build_store(tmp_path / "truth.duckdb", Dataset("truth", "detection", ["car", "dog"], images, gt))
@@ -157,6 +158,11 @@ def test_a_store_without_a_model_shows_the_ground_truth_boxes(tmp_path, monkeypa
     with served_navigation():
         at = open_app("store=truth&image=0", page="pages/explorer.py")
     assert any("No model predictions" in c.value for c in at.caption)
+    # The title names the image by the dataset's own id too (a COCO image id).
+    events = [block for block in at._tree.children.values() if getattr(block, "type", "") == "event"]
+    titles = [child.proto.dialog.title for block in events for child in block.children.values()
+              if getattr(child, "type", "") == "dialog"]
+    assert titles and titles[0].startswith("Image 0 · ") and titles[0].endswith(" · source id 1225")
     assert next(b for b in at.get("button_group") if b.key == "vl_fly_boxes_0").value == ["gt", "ignored"]
     boxes = drawn[0]
     scale = boxes["xmax"].iloc[0] / 12
