@@ -39,6 +39,7 @@ _IGNORED_COLOR = "#9aa3b5"
 # Small images are enlarged to about this longest side before boxes and captions are
 # drawn, so a 32-px image still shows readable labels.
 DISPLAY_SIDE = 640
+MAP_OPACITY = 0.5  # the explanation map's share of each pixel at first
 
 
 def show(view: View) -> None:
@@ -62,7 +63,8 @@ def open_flyout(view: View, image_id: int) -> None:
         # The dataset's own id (a COCO image id), which its user knows the image by.
         source = record["source_id"].iloc[0] if "source_id" in record.columns else None
         if source is not None and pd.notna(source):
-            title += f" · source id {display_number(source) if isinstance(source, (int, float, np.number)) else source}"
+            number = isinstance(source, (int, float, np.number))
+            title += f" · source id {display_number(source) if number else source}"
     st.dialog(title, width="large", position="right", on_dismiss=_close)(_flyout)(view, image_id, record)
 
 
@@ -109,8 +111,8 @@ def _picture(view: View, image_id: int, uri: str, objects: pd.DataFrame | None) 
     image, orientation = loaded
     explained = _explanation_choice(view, image_id)
     if explained is not None:
-        method, target, data, signed = explained
-        image = heatmap.overlay(image, data, signed=signed, cmap="RdBu_r" if signed else "inferno")
+        method, target, data, signed, alpha = explained
+        image = heatmap.overlay(image, data, alpha=alpha, signed=signed, cmap="RdBu_r" if signed else "inferno")
     # Shown as the thumbnails and photo viewers show it; boxes (stored frame) are turned with it.
     stored_size = image.size
     image = upright(image, orientation)
@@ -227,7 +229,7 @@ def _target_label(view: View, target: int, objects_by_det: dict[int, str] | None
     return view.class_name(target)
 
 
-def _explanation_choice(view: View, image_id: int) -> tuple[str, int, np.ndarray, bool] | None:
+def _explanation_choice(view: View, image_id: int) -> tuple[str, int, np.ndarray, bool, float] | None:
     if view.model_id is None:
         return None
     stored = available_explanations(view.store, view.model_id, image_id)
@@ -240,7 +242,10 @@ def _explanation_choice(view: View, image_id: int) -> tuple[str, int, np.ndarray
         det_names = {int(d): f"{view.class_name(int(c))} {s:.2f} (detection {int(d)})"
                      for d, c, s in dets.itertuples(index=False)}
     options = [None] + list(range(len(stored)))
-    choice = st.selectbox(
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    alpha = right.slider("Map opacity", 0.0, 1.0, MAP_OPACITY, step=0.05, key="vl_fly_alpha",
+                         help="How much of the explanation map covers the photo (0: the photo alone)")
+    choice = left.selectbox(
         "Explanation", options, index=1, key=f"vl_fly_expl_{image_id}",
         format_func=lambda i: "none (plain image)" if i is None else
         f"{stored['method'].iloc[i]} · {_target_label(view, int(stored['target'].iloc[i]), det_names)}")
@@ -253,7 +258,7 @@ def _explanation_choice(view: View, image_id: int) -> tuple[str, int, np.ndarray
     from core.explain.methods import METHODS  # imports captum and shap: only when a map is shown
 
     signed = METHODS[method].signed if method in METHODS else bool(data.min() < 0)
-    return method, target, data, signed
+    return method, target, data, signed, alpha
 
 
 def _compute_explanation(view: View, image_id: int) -> None:

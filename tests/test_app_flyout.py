@@ -54,6 +54,9 @@ def test_an_explanation_is_computed_stored_and_shown(folder, app):
     stored = available_explanations(store, "baseline", 4)
     assert list(stored["method"]) == ["ig"]
     assert at.selectbox(key="vl_fly_expl_4").value == 0  # the stored map, shown over the image
+    assert at.slider(key="vl_fly_alpha").value == 0.5
+    at.slider(key="vl_fly_alpha").set_value(0.2).run()  # the photo shows through more
+    assert not at.exception and at.slider(key="vl_fly_alpha").value == 0.2
     # The home page counts each model's stored maps, in the order the models were added.
     models = next(d.value for d in app("store=demo-multiclass").dataframe if "Explanation maps" in d.value.columns)
     assert models.to_dict("list") == {"Model": ["baseline", "candidate"], "Name": list(models["Name"]),
