@@ -18,12 +18,15 @@ from core.cohorts import ColumnInfo
 from core.distribution import COUNT, is_numeric, point_sample, value_names, with_other
 from core.distribution import distribution as cohort_distribution
 
+from . import nav
 from .charts import OUTCOME_COLORS
 from .explorer import open_image
 from .state import View
 
 SAMPLE_SEED = 0  # the dither's jitter
 MODES = {"aggregate": "Aggregate", "points": "Individual datapoints"}
+PARAM = "data."  # this view's URL parameters: data.mode, data.x, data.y, data.color, data.bins, …
+BINS = (2, 60, 20)  # the bins slider: least, most, default
 _NONE = ""
 
 
@@ -171,30 +174,42 @@ def chart_view(view: View) -> None:
     infos = axis_columns(view)
     names = list(infos)
     label = lambda n: {COUNT: "Number of images", _NONE: "—"}.get(n) or infos[n].label  # noqa: E731
-    mode = st.segmented_control("Chart", list(MODES), format_func=MODES.get, default="aggregate", required=True,
-                                key="vl_da_mode")
+    # Every choice lives in the URL (data.mode, data.x, …): a copied link shows the same chart.
+    def bound(key: str, name: str, options, default):
+        return {"key": key, "on_change": nav.bind_choice(view, key, PARAM + name, list(options), default)}
+
+    mode = st.segmented_control("Chart", list(MODES), format_func=MODES.get, required=True,
+                                **bound("vl_da_mode", "mode", MODES, "aggregate"))
     cols = st.columns(3)
     if mode == "aggregate":
-        x = cols[0].selectbox("X axis", names, key=f"vl_da_x_agg_{view.store.name}", format_func=label,
-                              index=names.index(_first(view, infos)))
-        y_choices = [COUNT] + [n for n in names if is_numeric(infos[n])]
+        x_choices = names
+        x_default = _first(view, infos)
+        y_choices_of = lambda x: [COUNT] + [n for n in names if is_numeric(infos[n])]  # noqa: E731
     else:
         x_choices = [n for n in names if not infos[n].is_list]
-        x = cols[0].selectbox("X axis", x_choices, key=f"vl_da_x_pts_{view.store.name}", format_func=label,
-                              index=x_choices.index(_first(view, infos, numeric=True)))
-        y_choices = [n for n in x_choices if n != x]
-    y = cols[1].selectbox("Y axis", y_choices, key=f"vl_da_y_{mode}_{view.store.name}", format_func=label,
-                          index=_second(view, infos, y_choices, x))
+        x_default = _first(view, infos, numeric=True)
+        y_choices_of = lambda x: [n for n in x_choices if n != x]  # noqa: E731
+    x = cols[0].selectbox("X axis", x_choices, format_func=label,
+                          **bound(f"vl_da_x_{mode}_{view.store.name}", "x", x_choices, x_default))
+    y_choices = y_choices_of(x)
+    y = cols[1].selectbox("Y axis", y_choices, format_func=label, **bound(
+        f"vl_da_y_{mode}_{view.store.name}", "y", y_choices, y_choices[_second(view, infos, y_choices, x)]))
     colour_choices = [_NONE] + [n for n in names if n not in (x, y) and not infos[n].is_list]
-    default_colour = colour_choices.index("outcome") if "outcome" in colour_choices else 0
-    color = cols[2].selectbox("Colour by", colour_choices, key=f"vl_da_color_{mode}_{view.store.name}",
-                              format_func=label, index=default_colour)
+    color = cols[2].selectbox("Colour by", colour_choices, format_func=label, **bound(
+        f"vl_da_color_{mode}_{view.store.name}", "color", colour_choices,
+        "outcome" if "outcome" in colour_choices else _NONE))
+    numeric_x = is_numeric(infos[x])
     with st.container(horizontal=True, vertical_alignment="center", gap="medium"):
-        bins = st.slider("Bins", 2, 60, 20, key="vl_da_bins", width=260) if mode == "aggregate" else 0
-        log_x = st.toggle("Log scale X", key="vl_da_log_x")
-        log_y = st.toggle("Log scale Y", key="vl_da_log_y")
-        dither = st.toggle("Dither", key="vl_da_dither", value=True,
-                           help="Spread points that share a value, so overlaps show") if mode == "points" else False
+        # Bins and a log scale apply to a numeric x only.
+        least, most, default_bins = BINS
+        bins = st.slider("Bins", least, most, width=260,
+                         **bound("vl_da_bins", "bins", range(least, most + 1), default_bins)) \
+            if mode == "aggregate" and numeric_x else default_bins
+        log_x = st.toggle("Log scale X", **bound("vl_da_log_x", "log_x", (False, True), False)) \
+            if numeric_x else False
+        log_y = st.toggle("Log scale Y", **bound("vl_da_log_y", "log_y", (False, True), False))
+        dither = st.toggle("Dither", help="Spread points that share a value, so overlaps show",
+                           **bound("vl_da_dither", "dither", (True, False), True)) if mode == "points" else False
     if mode == "aggregate":
         table, total = _aggregated(view, _key(view), x, y, color, bins, log_x)
         if not total:

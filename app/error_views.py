@@ -27,6 +27,7 @@ RATE_SCHEME = "reds"
 MAX_DEFAULT_FEATURES = 6
 NODE_AREA = 1500  # px² of a tree node's circle
 LEVEL_HEIGHT = 112  # px between tree levels
+PARAM = "error."  # this page's URL parameters: error.target, error.features, error.columns, error.rows, …
 _CLICK = "_vl_ea_click"
 _NEW_COHORT = "_vl_ea_new_cohort"  # set when a node or cell became the cohort: pick afresh in the new analysis
 
@@ -98,14 +99,23 @@ def choose(view: View, *, features_label: str = "Features") -> Choice:
     targets = error_targets(view.catalog)
     cols = st.columns([2, 5]) if len(targets) > 1 else [None, st.container()]
     target = targets[0]
+    # The choices live in the URL (error.target, error.features): a copied link shows the same analysis.
     if len(targets) > 1:
-        target = cols[0].selectbox("Error", targets, key=f"vl_ea_target_{view.store.name}",
+        key = f"vl_ea_target_{view.store.name}"
+        target = cols[0].selectbox("Error", targets, key=key,
+                                   on_change=nav.bind_choice(view, key, PARAM + "target", targets, targets[0],
+                                                             to_url=_target_text),
                                    format_func=lambda t: t.describe(view.catalog).capitalize(),
                                    help="What counts as an error for an image.")
-    picked = cols[1].multiselect(features_label, list(features), default=default_features(view),
-                                 format_func=features.get, key=f"vl_ea_features_{view.store.name}",
-                                 placeholder="Choose metadata features")
+    key = f"vl_ea_features_{view.store.name}"
+    on_features = nav.bind_many(view, key, PARAM + "features", list(features), default_features(view))
+    picked = cols[1].multiselect(features_label, list(features), format_func=features.get, key=key,
+                                 on_change=on_features, placeholder="Choose metadata features")
     return Choice(target, tuple(picked))
+
+
+def _target_text(target: ErrorTarget) -> str:
+    return target.kind if target.label is None else f"label-{target.label}"
 
 
 def _rate(value: float) -> str:
@@ -324,7 +334,7 @@ def tree_view(view: View, choice: Choice) -> None:
     node = tree.node(st.session_state["vl_ea_node"])
     stats = [("Images", _images_text(node.size, node.evaluated)),
              ("Errors" if not tree.target.is_rate else "Wrong objects", f"{node.errors:,.0f}"),
-             ("Error rate", _rate(node.error_rate)), ("Share of all errors", f"{node.error_share:.1%}")]
+             ("Error rate", _rate(node.error_rate)), ("Share of the cohort's errors", f"{node.error_share:.1%}")]
     _cohort_panel(view, f"Node #{node.node_id}" + ("" if node.is_leaf else " (inner node)"), node.cohort, stats,
                   "vl_ea_node_actions")
     if tree.importances:
@@ -379,13 +389,21 @@ def heatmap_view(view: View, choice: Choice) -> None:
     features = {f.name: f.label for f in available_features(view.catalog)}
     options = list(choice.features) or list(features)
     cols = st.columns([2, 2, 1.2, 1.4], vertical_alignment="bottom")
-    x = cols[0].selectbox("Feature 1 (columns)", options, format_func=features.get, key=f"vl_hm_x_{view.store.name}")
+
+    def bound(key: str, name: str, choices, default, to_url=str) -> dict:
+        return {"key": key, "on_change": nav.bind_choice(view, key, PARAM + name, list(choices), default, to_url)}
+
+    x = cols[0].selectbox("Feature 1 (columns)", options, format_func=features.get,
+                          **bound(f"vl_hm_x_{view.store.name}", "columns", options, options[0]))
     y_options = [None] + [f for f in options if f != x]
+    y_default = y_options[min(1, len(y_options) - 1)]
     y = cols[1].selectbox("Feature 2 (rows)", y_options, format_func=lambda f: "—" if f is None else features[f],
-                          key=f"vl_hm_y_{view.store.name}", index=1 if len(y_options) > 1 else 0)
-    bins = int(cols[2].number_input("Bins", 2, 20, 4, key="vl_hm_bins", help="Bins per numeric feature"))
-    binning = cols[3].selectbox("Binning", BINNINGS, key="vl_hm_binning",
-                                format_func={"equal": "Equal width", "quantile": "Quantiles"}.get)
+                          **bound(f"vl_hm_y_{view.store.name}", "rows", y_options, y_default,
+                                  to_url=lambda f: "none" if f is None else f))
+    bins = int(cols[2].number_input("Bins", 2, 20, help="Bins per numeric feature",
+                                    **bound("vl_hm_bins", "bins", range(2, 21), 4)))
+    binning = cols[3].selectbox("Binning", BINNINGS, format_func={"equal": "Equal width", "quantile": "Quantiles"}.get,
+                                **bound("vl_hm_binning", "binning", BINNINGS, BINNINGS[0]))
     used = tuple(f for f in (x, y) if f is not None)
     frame = error_frame(view, used, choice.target)
     if not len(frame):

@@ -310,6 +310,15 @@ def page_param(name: str) -> str | None:
     return dict(urlsync.params()).get(name)
 
 
+def bind_many(view: View, key: str, name: str, options, default: list):
+    """``bind_choice`` for a multiselect: page parameter ``name`` holds the chosen options, comma-separated
+    (unknown ones are dropped; ``default`` when absent)."""
+    text = page_param(name)
+    current = default if text is None else [o for o in text.split(",") if o in set(options)]
+    urlsync.bind(key, current)
+    return urlsync.write_on_change(key, name, lambda value: None if list(value) == list(default) else ",".join(value))
+
+
 def bind_choice(view: View, key: str, name: str, options, default, to_url=str):
     """Bind widget ``key`` to page parameter ``name``: the URL picks the option (``default`` when
     absent or unknown); returns the ``on_change`` that writes the choice back (the default

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from app.state import is_page_param
 from core.cohorts import Cohort, Filter, catalog_of, cohort_count, parse_query, to_query
 from core.error_analysis import ErrorTarget, TreeSettings, fit_error_tree, load_error_frame
 from core.fairness import cohort_group_metrics
@@ -252,8 +253,26 @@ def test_heatmap_cell_becomes_the_cohort(app, stores):
     params = dict(at.query_params)
     assert "site__eq" in params and any(k.startswith("brightness__") for k in params)
     store = open_store(stores, "multiclass")
-    count = cohort_count(store, parse_query(params, catalog_of(store)).cohort, "baseline")
+    cohort = parse_query({k: v for k, v in params.items() if not is_page_param(k)}, catalog_of(store)).cohort
+    count = cohort_count(store, cohort, "baseline")
     assert 0 < count < store.image_count()
+    # The map's choices live in the URL, and stay there when a cell becomes the cohort.
+    assert (params["error.columns"], params["error.rows"]) == ("site", "brightness")
+    copied = app("&".join(f"{k}={v}" for k, v in params.items()), ERRORS)
+    assert copied.selectbox(key="vl_hm_y_demo-multiclass").value == "brightness"
+
+
+def test_the_analysis_choices_live_in_the_url(app):
+    at = app("store=demo-multilabel", ERRORS)
+    label_target = at.selectbox(key="vl_ea_target_demo-multilabel").options[2]
+    at.selectbox(key="vl_ea_target_demo-multilabel").select_index(2).run()
+    at.multiselect(key="vl_ea_features_demo-multilabel").set_value(["site", "brightness"]).run()
+    params = dict(at.query_params)
+    assert params["error.features"] == "site,brightness" and params["error.target"].startswith("label-")
+    copied = app("&".join(f"{k}={v}" for k, v in params.items()), ERRORS)
+    assert copied.multiselect(key="vl_ea_features_demo-multilabel").value == ["site", "brightness"]
+    assert copied.selectbox(key="vl_ea_target_demo-multilabel").format_func(
+        copied.selectbox(key="vl_ea_target_demo-multilabel").value) == label_target
 
 
 def test_detection_rate_target(app):
@@ -271,10 +290,18 @@ def test_data_analysis_chart_and_table(app, task):
     at = app(f"store=demo-{task}", DATA)
     assert any("images, counted per" in c.value for c in at.caption)
     # Labels as the x axis: one bar per class (label lists counted once per label).
-    at.selectbox(key=f"vl_da_x_agg_demo-{task}").set_value("true_label").run()
+    assert not at.toggle(key="vl_da_log_x").value and at.slider(key="vl_da_bins").value == 20  # a numeric x
+    at.selectbox(key=f"vl_da_x_aggregate_demo-{task}").set_value("true_label").run()
     at.selectbox(key=f"vl_da_y_aggregate_demo-{task}").set_value("score").run()
     assert not at.exception
     assert any("mean score per true label" in c.value for c in at.caption)
+    # Bins and a log scale do not apply to classes: not offered.
+    assert not [w for w in at.slider if w.key == "vl_da_bins"] and not [w for w in at.toggle if w.key == "vl_da_log_x"]
+    # The chart lives in the URL: a copied link draws the same one.
+    assert (at.query_params["data.x"], at.query_params["data.y"]) == ("true_label", "score")
+    copied = app("&".join(f"{k}={v}" for k, v in at.query_params.items()), DATA)
+    assert copied.selectbox(key=f"vl_da_y_aggregate_demo-{task}").value == "score"
+    assert any("mean score per true label" in c.value for c in copied.caption)
     at.segmented_control(key="vl_da_mode").set_value("points").run()
     assert not at.exception
     assert any("All " in c.value and "Click a point" in c.value for c in at.caption)
