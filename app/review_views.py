@@ -26,6 +26,7 @@ from .explorer import open_image
 from .state import View
 
 PER_PAGE = 12
+_JUST_SAVED = "_vl_review_saved"  # (kind, target) of the review the last callback saved
 MAX_POINTS = 5000  # points drawn in the map; a larger cohort is sampled (the same sample each run)
 MAX_PAIRS_SHOWN = 24
 BRUSH = "brush"  # the map's interval selection
@@ -129,16 +130,25 @@ def _review_row(view: View, image_id: int, jpeg: bytes | None, given: object, su
 
 
 def review_editor(view: View, container, kind: str, target: int, review) -> None:
-    """Status and note of one image or saved cohort, saved to the state database as they change."""
-    current = review.status if review else "open"
-    written = review.note if review else ""
-    status = container.segmented_control("Review status", STATUSES, default=current, required=True,
-                                         key=f"vl_review_{kind}_s_{target}")
-    note = container.text_input("Note", value=written, key=f"vl_review_{kind}_n_{target}",
-                                placeholder="What is wrong, what was done")
-    if (status, note) != (current, written):
-        view.state.set_review(kind, target, status=status, note=note)
+    """Status and note of one image or saved cohort, saved to the state database as they change.
+
+    Saved in the widgets' callbacks, before the page runs again: the status counts and the list drawn
+    above the editor then already hold the change."""
+    keys = (f"vl_review_{kind}_s_{target}", f"vl_review_{kind}_n_{target}")
+    container.segmented_control("Review status", STATUSES, default=review.status if review else "open",
+                                required=True, key=keys[0], on_change=_save_review, args=(view, kind, target, keys))
+    container.text_input("Note", value=review.note if review else "", key=keys[1],
+                         placeholder="What is wrong, what was done", on_change=_save_review,
+                         args=(view, kind, target, keys))
+    if st.session_state.get(_JUST_SAVED) == (kind, target):
+        del st.session_state[_JUST_SAVED]  # said once, after the change
         container.caption(":material/check: saved")
+
+
+def _save_review(view: View, kind: str, target: int, keys: tuple[str, str]) -> None:
+    status, note = (st.session_state[k] for k in keys)
+    view.state.set_review(kind, target, status=status, note=note)
+    st.session_state[_JUST_SAVED] = (kind, target)
 
 
 # --------------------------------------------------------------------------- saved cohorts

@@ -191,10 +191,17 @@ def test_review_page(store_path, monkeypatch):
     at = page(None, "sure")
     first = int(flagged.loc[flagged["label_issue"]].sort_values(["label_quality_score", "image_id"])["image_id"].iloc[0])
     assert next(m.value for m in at.markdown if m.value.startswith("**Image ")).startswith(f"**Image {first}**")
+    status = at.segmented_control(key="vl_review_status")
+    opened = status.format_func("open")
     at.text_input(key=f"vl_review_image_n_{first}").set_value("relabel as b").run()
     at.segmented_control(key=f"vl_review_image_s_{first}").set_value("fixed").run()
     review = StateDB.for_store(store_path).get_review("image", first)
     assert (review.status, review.note) == ("fixed", "relabel as b")
+    # The counts and the open list drawn in the same run already hold the change.
+    status = at.segmented_control(key="vl_review_status")
+    n_open = int(opened.split("(")[1].rstrip(")"))
+    assert status.format_func("open") == f"open ({n_open - 1})" and status.format_func("fixed") == "fixed (1)"
+    assert not any(m.value.startswith(f"**Image {first}**") for m in at.markdown)
 
 
 def test_brushed_ids_are_the_points_inside_the_rectangle():
