@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .cohorts import Cohort, ParsedQuery, catalog_of, cohort_rows
+from .error_analysis import numeric_edges
 from .errors import EvalError
 from .metrics.classification import multiclass_scores
 from .store import Store
@@ -61,10 +62,11 @@ class GroupMetrics:
 
 
 def _interval_names(edges: np.ndarray) -> list[str]:
-    """"[a, b]", "(b, c]", … with as few significant digits as keep the names distinct."""
+    """"[a, b)", "[b, c)", …, "[y, z]" with as few significant digits as keep the names distinct."""
+    last = len(edges) - 2
     for digits in (4, 6, 8, 17):
         texts = [f"{e:.{digits}g}" for e in edges]
-        names = [f"{'[' if i == 0 else '('}{texts[i]}, {texts[i + 1]}]" for i in range(len(edges) - 1)]
+        names = [f"[{texts[i]}, {texts[i + 1]}{']' if i == last else ')'}" for i in range(len(edges) - 1)]
         if len(set(names)) == len(names):
             return names
     return names
@@ -73,10 +75,12 @@ def _interval_names(edges: np.ndarray) -> list[str]:
 def group_labels(values: pd.Series, bins: int = 4, binning: str = "equal") -> pd.Series:
     """Ordered categorical group labels: numeric values binned, others as they are.
 
-    Bins are right-closed, the first also holds the minimum: ``bins``
-    equal-width bins between the minimum and the maximum, or ``bins`` quantile
-    bins (edges that coincide are merged). Numbers with at most ``bins``
-    distinct values stay as they are. Missing values get the label
+    Bins are left-closed, the last also holds the maximum: ``bins`` equal-width
+    bins between the minimum and the maximum, or ``bins`` quantile bins (edges
+    that coincide are merged), with the error heat map's rounded edges
+    (``error_analysis.numeric_edges``), so a group holds the images of the
+    heat map's column and of the cohort it becomes. Numbers with at most
+    ``bins`` distinct values stay as they are. Missing values get the label
     ``(missing)``, last.
     """
     if binning not in BINNINGS:
@@ -88,12 +92,10 @@ def group_labels(values: pd.Series, bins: int = 4, binning: str = "equal") -> pd
     if numeric and series.nunique(dropna=True) > bins:
         floats = series.to_numpy(dtype=np.float64, na_value=np.nan)
         present = floats[~np.isnan(floats)]
-        if binning == "equal":
-            edges = np.linspace(present.min(), present.max(), bins + 1)
-        else:
-            edges = np.unique(np.quantile(present, np.linspace(0, 1, bins + 1)))
-        codes = np.searchsorted(edges[1:-1], floats, side="left")
+        inner = numeric_edges(floats, bins, binning)
+        codes = np.searchsorted(inner, floats, side="right")
         codes[np.isnan(floats)] = -1
+        edges = np.concatenate([[present.min()], inner, [present.max()]])
         labels = pd.Series(pd.Categorical.from_codes(codes, categories=_interval_names(edges)))
     else:
         def text(v: object) -> str:

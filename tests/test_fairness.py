@@ -65,11 +65,23 @@ def test_group_metrics_equal_fairlearn(seed, features, binning):
     assert ours.by_group["count"].sum() == len(data)
 
 
+@pytest.mark.parametrize("binning", ["equal", "quantile"])
+def test_feature_groups_are_the_heat_maps_columns(binning):
+    from core.error_analysis import Feature, bin_numeric
+
+    values = np.random.default_rng(3).integers(14, 43, 500).astype(float)  # many values on the edges
+    groups = group_labels(pd.Series(values), bins=4, binning=binning)
+    columns = bin_numeric(Feature("size", "Size", "numeric", "number"), values, 4, binning)
+    assert len(groups.cat.categories) == len(columns.labels)
+    np.testing.assert_array_equal(groups.cat.codes.to_numpy(), columns.codes)
+
+
 def test_bins_and_missing_values():
     values = pd.Series([0.0, 0.1, 0.5, 0.9, 1.0, None])
     equal = group_labels(values, bins=2)
-    assert list(equal.cat.categories) == ["[0, 0.5]", "(0.5, 1]", MISSING]
-    assert equal.tolist() == ["[0, 0.5]"] * 3 + ["(0.5, 1]"] * 2 + [MISSING]
+    # Left-closed, the last bin holding the maximum: as the heat map bins and its cells' cohorts filter.
+    assert list(equal.cat.categories) == ["[0, 0.5)", "[0.5, 1]", MISSING]
+    assert equal.tolist() == ["[0, 0.5)"] * 2 + ["[0.5, 1]"] * 3 + [MISSING]
     quantile = group_labels(values, bins=5, binning="quantile")
     assert quantile.value_counts().drop(MISSING).tolist() == [1] * 5
     few = group_labels(pd.Series([3, 1, 3, None]), bins=4)  # few distinct numbers stay as they are
