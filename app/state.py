@@ -3,8 +3,8 @@
 ``load_view()`` runs once per full rerun (from the entry point): it opens the
 store named by the URL (one cached ``Store`` per file, refreshed cheaply each
 rerun so new parts show without a restart), parses the query string with the
-store's catalog, and falls back to the whole dataset when the cohort part
-cannot be read, returning the problems for the page to show. Pages get the
+store's catalog, and leaves out the parts of the cohort it cannot read (keeping
+the rest), returning the problems for the page to show. Pages get the
 result from ``current_view()``.
 
 Every query a page runs goes through a ``View`` method cached with
@@ -288,7 +288,7 @@ def _resolve_settings(parsed: ParsedQuery, catalog: Catalog, store_name: str,
 
 
 def load_view() -> Loaded:
-    """Open the URL's store and parse its cohort; fall back to the whole dataset on bad input.
+    """Open the URL's store and parse its cohort, leaving out the parts that cannot be read.
 
     Also rewrites the URL into its canonical form (store and model made
     explicit), so a copied URL opens exactly this view even after a new model

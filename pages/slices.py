@@ -32,6 +32,9 @@ right.caption(f"Model **{view.model_id}** at {compare_views.thresholds_text(view
               "over the whole dataset and ranked by SliceLine's score, which weighs how far a slice's error rate "
               "exceeds the overall one against how small the slice is; a slice is listed when its rate is at least "
               f"{MIN_LIFT:g}× the overall one.")
+if not view.cohort.is_global:
+    st.info(f"The cohort above ({view.count():,} images) does not narrow the search: slices are found over the "
+            "whole dataset, and each slice's link opens it alone.", icon=":material/info:")
 if not slices:
     st.info("No slice stands out: the model's errors are spread evenly over the metadata, or too few images err.",
             icon=":material/check_circle:")

@@ -329,6 +329,10 @@ def test_slice_options_live_in_the_url(app, stores):
     assert params(at)["slices.order"] == "2"
     at.selectbox(key="vl_slices_top_k").set_value(5).run()
     assert params(at)["slices.top"] == "5"
+    assert not any("does not narrow the search" in i.value for i in at.info)
+    # A cohort in the URL does not narrow the search: the page says so next to the cohort bar.
+    narrowed = app("store=demo-multiclass&site__eq=south", SLICES)
+    assert any("does not narrow the search" in i.value for i in narrowed.info)
 
 
 def test_a_slice_is_saved_as_a_named_cohort(app, stores):
