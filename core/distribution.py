@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .cohorts import Catalog, Cohort, ColumnInfo, ParsedQuery, catalog_of, cohort_count, cohort_rows_sql, quote_identifier
+from .cohorts import (Catalog, Cohort, ColumnInfo, ParsedQuery, catalog_of, cohort_count, cohort_rows_sql, display_number,
+                      quote_identifier)
 from .errors import CohortError
 from .store import Store
 
@@ -61,7 +62,11 @@ def numeric_bins(low: float, high: float, bins: int, log: bool) -> np.ndarray:
 
 
 def colour_intervals(low: float, high: float, bins: int) -> tuple[np.ndarray, list[str]]:
-    """Edges and labels of the intervals ``pandas.cut`` makes of values in ``[low, high]``."""
+    """Edges and labels of the intervals ``pandas.cut`` makes of values in ``[low, high]``; one value
+    alone is one colour named by it (pandas would widen it into bins of a raw ``(47.952, 48.0]``)."""
+    if low == high:
+        _, edges = pd.cut(np.array([low, high]), bins=1, retbins=True)
+        return edges, [display_number(low)]
     cut, edges = pd.cut(np.array([low, high]), bins=bins, retbins=True)
     return edges, [str(interval) for interval in cut.categories]
 

@@ -180,6 +180,13 @@ def test_bins_cover_the_finite_values_and_edge_values_fall_right(store):
     assert len(numeric_bins(float("nan"), float("nan"), 5, log=False)) == 2
 
 
+def test_a_constant_colour_is_one_colour_named_by_its_value(store):
+    width = int(store.query('SELECT min(width) AS w FROM "images"')["w"].iloc[0])
+    one_width = Cohort((Filter("width", "eq", width),))
+    got = distribution(store, one_width, "m", "site", "count", "width")
+    assert set(got.table["color"]) == {str(width)}  # not pandas' widened "(47.952, 48.048]"
+
+
 def test_a_cohort_counts_its_own_images(store):
     cohort = Cohort((Filter("flag", "eq", True),))
     got = distribution(store, cohort, "m", "flag", "count", "outcome")
