@@ -175,8 +175,8 @@ def chart_view(view: View) -> None:
     names = list(infos)
     label = lambda n: {COUNT: "Number of images", _NONE: "—"}.get(n) or infos[n].label  # noqa: E731
     # Every choice lives in the URL (data.mode, data.x, …): a copied link shows the same chart.
-    def bound(key: str, name: str, options, default):
-        return {"key": key, "on_change": nav.bind_choice(view, key, PARAM + name, list(options), default)}
+    def bound(key: str, name: str, options, default) -> dict:
+        return nav.bound(view, key, PARAM + name, options, default)
 
     mode = st.segmented_control("Chart", list(MODES), format_func=MODES.get, required=True,
                                 **bound("vl_da_mode", "mode", MODES, "aggregate"))

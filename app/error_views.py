@@ -101,12 +101,10 @@ def choose(view: View, *, features_label: str = "Features") -> Choice:
     target = targets[0]
     # The choices live in the URL (error.target, error.features): a copied link shows the same analysis.
     if len(targets) > 1:
-        key = f"vl_ea_target_{view.store.name}"
-        target = cols[0].selectbox("Error", targets, key=key,
-                                   on_change=nav.bind_choice(view, key, PARAM + "target", targets, targets[0],
-                                                             to_url=_target_text),
-                                   format_func=lambda t: t.describe(view.catalog).capitalize(),
-                                   help="What counts as an error for an image.")
+        target = cols[0].selectbox("Error", targets, format_func=lambda t: t.describe(view.catalog).capitalize(),
+                                   help="What counts as an error for an image.",
+                                   **nav.bound(view, f"vl_ea_target_{view.store.name}", PARAM + "target", targets,
+                                               targets[0], to_url=_target_text))
     key = f"vl_ea_features_{view.store.name}"
     on_features = nav.bind_many(view, key, PARAM + "features", list(features), default_features(view))
     picked = cols[1].multiselect(features_label, list(features), format_func=features.get, key=key,
@@ -391,7 +389,7 @@ def heatmap_view(view: View, choice: Choice) -> None:
     cols = st.columns([2, 2, 1.2, 1.4], vertical_alignment="bottom")
 
     def bound(key: str, name: str, choices, default, to_url=str) -> dict:
-        return {"key": key, "on_change": nav.bind_choice(view, key, PARAM + name, list(choices), default, to_url)}
+        return nav.bound(view, key, PARAM + name, choices, default, to_url)
 
     x = cols[0].selectbox("Feature 1 (columns)", options, format_func=features.get,
                           **bound(f"vl_hm_x_{view.store.name}", "columns", options, options[0]))

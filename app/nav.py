@@ -319,6 +319,11 @@ def bind_many(view: View, key: str, name: str, options, default: list):
     return urlsync.write_on_change(key, name, lambda value: None if list(value) == list(default) else ",".join(value))
 
 
+def bound(view: View, key: str, name: str, options, default, to_url=str) -> dict:
+    """The ``key`` and ``on_change`` of a widget bound to page parameter ``name`` (``bind_choice``)."""
+    return {"key": key, "on_change": bind_choice(view, key, name, list(options), default, to_url)}
+
+
 def bind_choice(view: View, key: str, name: str, options, default, to_url=str):
     """Bind widget ``key`` to page parameter ``name``: the URL picks the option (``default`` when
     absent or unknown); returns the ``on_change`` that writes the choice back (the default
