@@ -432,18 +432,22 @@ def scorecard_panel(view: View, *, model_id: str, baseline: str | None = None,
 
 
 @st.cache_data(show_spinner="Searching for error slices…", max_entries=32)
-def _slices(_store, store_key: tuple, model_id: str, thresholds: tuple, top_k: int, max_order: int) -> list[Slice]:
-    return find_slices(_store, model_id, top_k=top_k, max_order=max_order, **dict(thresholds))
+def _slices(_store, _cohort: Cohort, _state, store_key: tuple, cohort_key: tuple, model_id: str, thresholds: tuple,
+            top_k: int, max_order: int) -> list[Slice]:
+    return find_slices(_store, model_id, top_k=top_k, max_order=max_order, cohort=_cohort, state=_state,
+                       **dict(thresholds))
 
 
 def error_slices(view: View, *, top_k: int, max_order: int) -> list[Slice]:
-    """``core.slices.find_slices`` for the view's model and thresholds, cached until the store changes."""
-    return _slices(view.store, view.store_key, view.model_id, tuple(sorted(view.thresholds.items())), top_k, max_order)
+    """``core.slices.find_slices`` within the view's cohort, for its model and thresholds, cached until the store
+    changes."""
+    return _slices(view.store, view.cohort, view.state, view.store_key, view.cohort_key(), view.model_id,
+                   tuple(sorted(view.thresholds.items())), top_k, max_order)
 
 
-def overall_error_rate(view: View) -> tuple[float | None, int, int]:
-    """(error rate, errors, images with a prediction) of the whole dataset for the view's model."""
-    counts = view.outcome_counts(Cohort())
+def cohort_error_rate(view: View) -> tuple[float | None, int, int]:
+    """(error rate, errors, images with a prediction) of the view's cohort for its model."""
+    counts = view.outcome_counts()
     errors, evaluated = counts.get("incorrect", 0), counts.get("incorrect", 0) + counts.get("correct", 0)
     return (errors / evaluated if evaluated else None), errors, evaluated
 

@@ -223,6 +223,10 @@ class View:
         return compile_cohort(cohort, self.store, model_id=self.model_id, state=self.state,
                               catalog=self.catalog, **self.thresholds)
 
+    def cohort_key(self, cohort: Cohort | None = None) -> tuple[str, ...]:
+        """A cache key of ``cohort`` (default: the current one): equal keys, equal images."""
+        return _cohort_key(self.cohort if cohort is None else cohort, self.catalog, self.state)
+
     def outcome_counts(self, cohort: Cohort | None = None) -> dict[str | None, int]:
         """Images of the cohort per outcome ('correct', 'incorrect', None: no prediction), in one query."""
         cohort = self.cohort if cohort is None else cohort

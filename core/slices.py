@@ -34,16 +34,20 @@ import math
 from dataclasses import dataclass
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from .arrow_columns import categorical, numbers
-from .cohorts import (Catalog, Cohort, Filter, catalog_of, display_number, filter_sql, format_number, frame_sql,
-                      quote_identifier, to_query)
+from .cohorts import (Catalog, Cohort, Filter, catalog_of, compile_cohort, display_number, filter_sql, format_number,
+                      frame_sql, quote_identifier, to_query)
 from .errors import EvalError
 from .store import Store
+
+if TYPE_CHECKING:
+    from .state import StateDB
 
 log = logging.getLogger(__name__)
 
@@ -422,8 +426,10 @@ def _categories_of(name: str, values: pd.Series, catalog: Catalog, min_size: int
 
 
 def store_search(store: Store, catalog: Catalog, model_id: str, columns: list[str], thresholds: dict, *,
-                 min_size: int | None = None, bins: int = DEFAULT_BINS) -> tuple[SliceSearch, bool, int]:
-    """The search over a model's evaluated images: (search, whether every image was evaluated, min size).
+                 min_size: int | None = None, bins: int = DEFAULT_BINS,
+                 within: np.ndarray | None = None) -> tuple[SliceSearch, bool, int]:
+    """The search over a model's evaluated images (of ``within``, image ids, when given): (search, whether every
+    such image was evaluated, min size).
 
     One column at a time, so a million images never hold more than one column's
     values: its values (for the quantile edges), then the compiler's own filters
@@ -438,7 +444,12 @@ def store_search(store: Store, catalog: Catalog, model_id: str, columns: list[st
 
     error = by_image("error")
     evaluated = error.is_valid().to_numpy(zero_copy_only=False)
-    rows = np.flatnonzero(evaluated)
+    if within is not None:
+        members = np.isin(by_image("image_id").to_numpy(), within)
+        evaluated = evaluated[members]
+        rows = np.flatnonzero(members)[evaluated]
+    else:
+        rows = np.flatnonzero(evaluated)
     errors = error.fill_null(False).to_numpy(zero_copy_only=False)[rows]
     size_floor = default_min_size(len(rows)) if min_size is None else max(1, int(min_size))
     builder = _SearchBuilder(errors, size_floor)
@@ -460,14 +471,17 @@ def store_search(store: Store, catalog: Catalog, model_id: str, columns: list[st
 def find_slices(store: Store | str, model_id: str | None = None, *, iou: float = 0.5,
                 score_threshold: float | None = None, label_threshold: float | None = None, max_order: int = 3,
                 min_size: int | None = None, top_k: int = 10, columns: list[str] | None = None,
-                alpha: float = DEFAULT_ALPHA, bins: int = DEFAULT_BINS) -> list[Slice]:
+                alpha: float = DEFAULT_ALPHA, bins: int = DEFAULT_BINS, cohort: Cohort | None = None,
+                state: StateDB | None = None) -> list[Slice]:
     """The ``top_k`` metadata slices with the highest SliceLine score for one model.
 
     ``model_id`` defaults to the store's first model; thresholds to the
     store's defaults. ``columns`` limits the search to some columns (default:
-    every sliceable column). Images the model has no prediction for are left
-    out; then each slice's query also says ``error__notnull=true`` so its
-    count is the slice's size.
+    every sliceable column). ``cohort`` (with ``state`` for saved cohorts)
+    limits it to the cohort's images: rates and sizes are then the cohort's, and
+    each slice's query is the cohort's and the slice's conditions. Images the
+    model has no prediction for are left out; then each slice's query also says
+    ``error__notnull=true`` so its count is the slice's size.
     """
     if not isinstance(store, Store):
         store = Store(store)
@@ -488,8 +502,13 @@ def find_slices(store: Store | str, model_id: str | None = None, *, iou: float =
     thresholds = {"iou": iou,
                   "score_threshold": catalog.default_score_threshold if score_threshold is None else score_threshold,
                   "label_threshold": catalog.default_label_threshold if label_threshold is None else label_threshold}
+    cohort = cohort if cohort is not None and not cohort.is_global else None
+    within = None
+    if cohort is not None:
+        sql, params = compile_cohort(cohort, store, model_id=model_id, state=state, catalog=catalog, **thresholds)
+        within = store.arrow(f"SELECT image_id FROM ({sql}) AS c", params).column(0).to_numpy()
     search, all_evaluated, size_floor = store_search(store, catalog, model_id, columns, thresholds,
-                                                     min_size=min_size, bins=bins)
+                                                     min_size=min_size, bins=bins, within=within)
     log.info("slices: %d images, %d errors, %d predicates over %d columns",
              search.n, search.n_errors, len(search.predicates), len(columns))
     found = search_slices(search, max_order=max_order, min_size=size_floor, top_k=top_k, alpha=alpha)
@@ -497,7 +516,8 @@ def find_slices(store: Store | str, model_id: str | None = None, *, iou: float =
     out = []
     for members, size, errors, score in found:
         predicates = tuple(search.predicates[i] for i in members)
-        query = to_query(Cohort(tuple(f for p in predicates for f in p.filters))) + suffix
+        conditions = tuple(f for p in predicates for f in p.filters)
+        query = to_query(cohort.with_filters(*conditions) if cohort is not None else Cohort(conditions)) + suffix
         out.append(Slice(predicates, size, errors, errors / size, score, query))
     return out
 

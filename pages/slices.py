@@ -15,7 +15,7 @@ if view.model_id is None:
     st.info("Error slices need a model's predictions; this store has none yet.", icon=":material/view_quilt:")
     st.stop()
 compare_views.slice_flash(view)
-rate, errors, evaluated = compare_views.overall_error_rate(view)
+rate, errors, evaluated = compare_views.cohort_error_rate(view)
 left, middle, right = st.columns([1, 1.4, 3.6], vertical_alignment="bottom")
 top_k = left.selectbox("Slices", TOP_K, key="vl_slices_top_k",
                        on_change=nav.bind_choice(view, "vl_slices_top_k", "slices.top", TOP_K, 10))
@@ -28,18 +28,15 @@ except VisionLensError as error:
     st.error(str(error), icon=":material/error:")
     st.stop()
 right.caption(f"Model **{view.model_id}** at {compare_views.thresholds_text(view)}: **{errors:,}** errors in "
-              f"{evaluated:,} images" + (f" ({rate:.1%})" if rate is not None else "") + ". Slices are searched "
-              "over the whole dataset and ranked by SliceLine's score, which weighs how far a slice's error rate "
-              "exceeds the overall one against how small the slice is; a slice is listed when its rate is at least "
-              f"{MIN_LIFT:g}× the overall one.")
-if not view.cohort.is_global:
-    st.info(f"The cohort above ({view.count():,} images) does not narrow the search: slices are found over the "
-            "whole dataset, and each slice's link opens it alone.", icon=":material/info:")
+              f"{evaluated:,} images" + ("" if view.cohort.is_global else " of the cohort")
+              + (f" ({rate:.1%})" if rate is not None else "") + ". Slices are searched within the cohort and "
+              "ranked by SliceLine's score, which weighs how far a slice's error rate exceeds the cohort's against "
+              f"how small the slice is; a slice is listed when its rate is at least {MIN_LIFT:g}× the cohort's.")
 if not slices:
     st.info("No slice stands out: the model's errors are spread evenly over the metadata, or too few images err.",
             icon=":material/check_circle:")
     st.stop()
 compare_views.slice_rows(view, slices, rate)
 st.subheader("Error rate per slice")
-st.caption("The dashed line is the error rate over all images.")
+st.caption("The dashed line is the cohort's error rate.")
 compare_views.slice_chart(slices, rate)

@@ -329,10 +329,16 @@ def test_slice_options_live_in_the_url(app, stores):
     assert params(at)["slices.order"] == "2"
     at.selectbox(key="vl_slices_top_k").set_value(5).run()
     assert params(at)["slices.top"] == "5"
-    assert not any("does not narrow the search" in i.value for i in at.info)
-    # A cohort in the URL does not narrow the search: the page says so next to the cohort bar.
-    narrowed = app("store=demo-multiclass&site__eq=south", SLICES)
-    assert any("does not narrow the search" in i.value for i in narrowed.info)
+    # A cohort in the URL narrows the search: the slices are the engine's within it, their links keep it.
+    store = open_store(stores, "multiclass")
+    two_sites = parse_query("site__in=north,south", catalog_of(store)).cohort
+    within = find_slices(store, "baseline", cohort=two_sites)
+    assert within != find_slices(store, "baseline")
+    narrowed = app("store=demo-multiclass&site__in=north,south", SLICES)
+    links = [dict(parse_qsl(p.proto.query_string)) for p in narrowed.page_link if p.proto.label == "Explore"]
+    assert within and [parse_query(link, catalog_of(store)).cohort for link in links] == [
+        parse_query(found.query, catalog_of(store)).cohort for found in within]
+    assert all(link["site__in"] == "north,south" for link in links)
 
 
 def test_a_slice_is_saved_as_a_named_cohort(app, stores):

@@ -173,6 +173,22 @@ def test_planted_slice_is_rank_one_and_round_trips(planted):
     assert not {"width", "height"} & {p.column for s in found for p in s.predicates}
 
 
+def test_slices_within_a_cohort_are_counted_in_it(planted):
+    store, _, _ = planted
+    catalog = catalog_of(store)
+    in_b = parse_query("site__eq=B", catalog).cohort
+    found = find_slices(store, "m1", cohort=in_b)
+    top = found[0]
+    # Within site B, brightness alone singles the planted images out (edges from the cohort's own values);
+    # the link holds the cohort too.
+    [(condition,)] = [p.filters for p in top.predicates]
+    assert (condition.column, condition.op) == ("brightness", "lt") and abs(condition.value - 0.2) < 0.01
+    assert top.query == f"brightness__lt={condition.value}&site__eq=B" and top.error_rate > 0.6
+    for s in found:
+        assert cohort_count(store, parse_query(s.query, catalog), "m1") == s.size
+        assert all(p.column != "site" for p in s.predicates)  # the cohort's own condition splits nothing
+
+
 def test_every_predicate_count_is_its_cohort_count(tmp_path):
     """Bin edges land on stored FLOAT values: membership must follow the compiler's comparison exactly."""
     store, _, _ = planted_store(tmp_path / "p.duckdb", n=1500, seed=3)
